@@ -1,0 +1,1 @@
+"""The scale-wise generation engine shared by every model family."""

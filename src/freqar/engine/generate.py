@@ -1,0 +1,169 @@
+"""The one scale-wise generation loop (Algorithm: next-scale prediction with a pluggable token policy).
+
+Per stage: the tokenizer builds the stage input from the canvas -> the policy selects positions -> the
+transformer steps over those tokens with the per-call KV cache -> head -> guidance -> the policy fills
+the positions it skipped -> sampler -> tokenizer update. Nothing here knows which family it runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import InvalidOption
+from ..interfaces import Selection, TokenPolicy, Tokenizer, Transformer
+from .guidance import Guidance
+from .sampling import SamplerConfig, sample_categorical
+
+
+@dataclass
+class StageInfo:
+    """What the callback receives after each stage."""
+
+    stage: int
+    num_stages: int
+    grid: tuple[int, int]
+    seconds: float
+    tokens_computed: list[int]
+
+
+@dataclass
+class GenerationOutput:
+    """Images in [0, 1] plus everything bench/conformance need, so they need no hooks of their own."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    tokens: list[torch.Tensor]
+    canvas: torch.Tensor
+    stage_seconds: list[float]
+    decode_seconds: float
+    tokens_computed: list[list[int]]
+    grids: list[tuple[int, int]]
+    logits: list[torch.Tensor] | None = None
+    policy_stats: list[dict] = field(default_factory=list)
+    policy_state: Any = None
+
+    @property
+    def transformer_seconds(self) -> float:
+        return float(sum(self.stage_seconds))
+
+
+class DensePolicy:
+    """Identity policy: every position of every stage is computed."""
+
+    name = "dense"
+
+    def begin(self, grids: list[tuple[int, int]], batch: int, depth: int, device: torch.device) -> None:
+        return None
+
+    def select(self, stage: int, state: Any) -> Selection:
+        return Selection()
+
+    def fill(self, stage: int, selection: Selection, logits_BnV: torch.Tensor, out: Any, state: Any):
+        return logits_BnV, None
+
+    def stats(self, state: Any) -> list[dict]:
+        return []
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def draw_labels(num_classes: int, batch: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Random class labels, drawn first from the call's generator (upstream's order)."""
+    uniform = torch.full((1, num_classes), 1.0 / num_classes, dtype=torch.float32)
+    return torch.multinomial(uniform, num_samples=batch, replacement=True, generator=generator).view(batch)
+
+
+@torch.inference_mode()
+def generate(
+    transformer: Transformer,
+    tokenizer: Tokenizer,
+    *,
+    labels: torch.Tensor | None = None,
+    batch: int | None = None,
+    num_classes: int | None = None,
+    guidance: Guidance | None = None,
+    sampler: SamplerConfig | None = None,
+    policy: TokenPolicy | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callable[[StageInfo], None] | None = None,
+    record_logits: bool = False,
+) -> GenerationOutput:
+    """Generate a batch of images; ``labels`` None draws ``batch`` random labels from ``generator``."""
+    guidance = guidance or Guidance()
+    sampler = sampler or SamplerConfig()
+    policy = policy or DensePolicy()
+    device = next(transformer.parameters()).device  # type: ignore[attr-defined]
+    if labels is None:
+        if batch is None or batch < 1:
+            raise InvalidOption(f"batch must be >= 1, got {batch}")
+        if num_classes is None:
+            raise InvalidOption("num_classes is needed to draw random labels")
+        labels = draw_labels(num_classes, batch, generator)
+    labels = labels.to(device)
+    B = labels.shape[0]
+    if B < 1:
+        raise InvalidOption("batch must be >= 1")
+    grids = tokenizer.stage_grids()
+    S = len(grids)
+    cond = transformer.condition(labels, guidance.enabled)
+    R = B * (2 if guidance.enabled else 1)
+    cache = transformer.new_cache(R, torch.float32, device)
+    canvas = tokenizer.init_canvas(B, device)
+    pstate = policy.begin(grids, B, transformer.depth, device)
+    tokens, logits_rec, stage_s, computed = [], [], [], []
+    for k in range(S):
+        _sync(device)
+        t0 = time.perf_counter()
+        sel = policy.select(k, pstate)
+        stage_tok = None if k == 0 else tokenizer.next_input(canvas, k)
+        if stage_tok is not None and sel.index is not None:
+            stage_tok = stage_tok.gather(1, sel.index.unsqueeze(-1).expand(-1, -1, stage_tok.shape[-1]))
+        x = transformer.stage_input(cond, stage_tok, sel.index, k)
+        cache.begin_stage(x.shape[1], None if sel.valid is None else sel.valid.repeat(R // B, 1))
+        out = transformer.step(x, cond, cache, sel.taps)
+        cache.end_stage()
+        guided = guidance.combine(transformer.logits(out.hidden, cond), B, k, S)
+        full_BlV, keep_Bl = policy.fill(k, sel, guided, out, pstate)
+        if record_logits:
+            logits_rec.append(full_BlV.clone())
+        idx_Bl, soft = sample_categorical(full_BlV, sampler, generator, k / (S - 1))
+        canvas = tokenizer.update(canvas, tokenizer.token_vectors(idx_Bl, soft), k, keep_Bl)
+        tokens.append(idx_Bl)
+        _sync(device)
+        stage_s.append(time.perf_counter() - t0)
+        n = grids[k][0] * grids[k][1]
+        counts = [n] * B if sel.valid is None and sel.index is None else _counts(sel, B)
+        computed.append(counts)
+        if callback is not None:
+            callback(StageInfo(k, S, grids[k], stage_s[-1], counts))
+    t0 = time.perf_counter()
+    images = tokenizer.decode(canvas)
+    _sync(device)
+    return GenerationOutput(
+        images=images,
+        labels=labels,
+        tokens=tokens,
+        canvas=canvas,
+        stage_seconds=stage_s,
+        decode_seconds=time.perf_counter() - t0,
+        tokens_computed=computed,
+        grids=grids,
+        logits=logits_rec if record_logits else None,
+        policy_stats=policy.stats(pstate),
+        policy_state=pstate,
+    )
+
+
+def _counts(sel: Selection, batch: int) -> list[int]:
+    if sel.valid is not None:
+        return [int(c) for c in sel.valid.sum(dim=1).tolist()]
+    assert sel.index is not None
+    return [sel.index.shape[1]] * batch

@@ -1,0 +1,86 @@
+"""The small contracts between the engine, model families, tokenizers and token policies.
+
+A family plugs in by providing a ``Pipeline`` whose transformer and tokenizer satisfy the protocols
+below; the engine loop in ``engine/generate.py`` never branches on the family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from .engine.cache import KVCache
+
+
+@dataclass
+class Selection:
+    """Positions of one stage that are computed, per sample.
+
+    ``index`` (B, n) holds row-major positions in the stage grid (None = every position, in order);
+    ``valid`` (B, n) marks real entries when samples keep different counts (None = all real). The
+    conditional and unconditional CFG rows of a sample share its selection.
+    """
+
+    index: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    taps: tuple[int, ...] = ()
+
+    @property
+    def dense(self) -> bool:
+        return self.index is None
+
+
+@dataclass
+class StepOutput:
+    """Hidden states of the computed tokens and the (input, output) of each tapped block."""
+
+    hidden: torch.Tensor
+    taps: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+class Tokenizer(Protocol):
+    """Image <-> per-stage tokens plus the running canvas (f_hat) that generation updates."""
+
+    def stage_grids(self) -> list[tuple[int, int]]: ...
+    def init_canvas(self, batch: int, device: torch.device | str) -> torch.Tensor: ...
+    def next_input(self, canvas: torch.Tensor, stage: int) -> torch.Tensor: ...
+    def token_vectors(self, idx_Bl: torch.Tensor, soft_BlV: torch.Tensor | None = None) -> torch.Tensor: ...
+    def update(
+        self, canvas: torch.Tensor, h_BlC: torch.Tensor, stage: int, keep_Bl: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
+    def decode(self, canvas: torch.Tensor) -> torch.Tensor: ...
+
+
+class Transformer(Protocol):
+    """A next-scale backbone: conditioning, stage inputs at explicit positions, cached steps and a head."""
+
+    depth: int
+
+    def condition(self, labels_B: torch.Tensor, guided: bool) -> Any: ...
+    def new_cache(self, rows: int, dtype: torch.dtype, device: torch.device | str) -> KVCache: ...
+    def stage_input(
+        self, cond: Any, tokens_BnCv: torch.Tensor | None, positions_Bn: torch.Tensor | None, stage: int
+    ) -> torch.Tensor: ...
+    def step(
+        self, x_RnC: torch.Tensor, cond: Any, cache: KVCache, taps: tuple[int, ...] = ()
+    ) -> StepOutput: ...
+    def logits(self, hidden_RnC: torch.Tensor, cond: Any) -> torch.Tensor: ...
+
+
+class PolicyState(Protocol):
+    """Per-call mutable state of a token policy (never stored on the policy object)."""
+
+
+class TokenPolicy(Protocol):
+    """Decides which positions each stage computes and fills the rest (SparseVAR, FastVAR, dense)."""
+
+    name: str
+
+    def begin(self, grids: list[tuple[int, int]], batch: int, depth: int, device: torch.device) -> Any: ...
+    def select(self, stage: int, state: Any) -> Selection: ...
+    def fill(
+        self, stage: int, selection: Selection, logits_BnV: torch.Tensor, out: StepOutput, state: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+    def stats(self, state: Any) -> list[dict]: ...

@@ -1,0 +1,1 @@
+"""Model families. Each registers its presets in ``freqar.registry``."""

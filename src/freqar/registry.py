@@ -1,0 +1,160 @@
+"""Named model presets and the single front door ``create_model``.
+
+A preset is a ``ModelSpec``: the tokenizer and transformer configs, sampling defaults, and where the
+official weights live (hub repo + file names). Loading never touches the network unless the caller
+asks for a hub download and ``huggingface_hub`` is installed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UnknownModel, WeightsNotFound
+from .io import load_torch_file
+from .models.var import VARConfig
+from .pipeline import Pipeline, SamplingDefaults, build_pipeline, load_pipeline_dir
+from .tokenizers.msvq import MSVQConfig
+
+VAR_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+VAR_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to build a model and find its official weights."""
+
+    name: str
+    family: str
+    description: str
+    tokenizer: MSVQConfig
+    transformer: VARConfig
+    defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+    hub_repo: str | None = None
+    files: dict[str, str] = field(default_factory=dict)  # role ("vae", "var") -> file name in hub_repo
+
+    @property
+    def image_size(self) -> int:
+        return self.tokenizer.patch_nums[-1] * self.tokenizer.downsample
+
+
+def _official_var(depth: int, patch_nums: tuple[int, ...] = VAR_256, shared: bool = False) -> ModelSpec:
+    reso = patch_nums[-1] * 16
+    return ModelSpec(
+        name=f"var-d{depth}",
+        family="var",
+        description=f"VAR-d{depth} class-conditional ImageNet {reso}px ({'shared' if shared else 'per-block'} AdaLN)",
+        tokenizer=MSVQConfig(patch_nums=patch_nums),
+        transformer=VARConfig(
+            depth=depth, embed_dim=64 * depth, num_heads=depth, shared_aln=shared, patch_nums=patch_nums
+        ),
+        defaults=SamplingDefaults(cfg=4.0, top_k=900, top_p=0.95),
+        hub_repo="FoundationVision/var",
+        files={"vae": "vae_ch160v4096z32.pth", "var": f"var_d{depth}.pth"},
+    )
+
+
+def _tiny() -> ModelSpec:
+    pn = (1, 2, 3, 4, 6, 8)
+    return ModelSpec(
+        name="var-tiny",
+        family="var",
+        description="tiny random-weight VAR (64 px, 6 scales) for tests and smoke runs: pictures are noise",
+        tokenizer=MSVQConfig(
+            vocab_size=256, z_channels=16, ch=32, ch_mult=(1, 1, 2, 2), patch_nums=pn, share_quant_resi=4
+        ),
+        transformer=VARConfig(
+            depth=2, embed_dim=64, num_heads=4, num_classes=10, patch_nums=pn, vocab_size=256, z_channels=16
+        ),
+        defaults=SamplingDefaults(cfg=1.5, top_k=0, top_p=0.0),
+    )
+
+
+def _registry() -> dict[str, Callable[[], ModelSpec]]:
+    reg: dict[str, Callable[[], ModelSpec]] = {
+        f"var-d{d}": (lambda d=d: _official_var(d)) for d in (16, 20, 24, 30)
+    }
+    reg["var-d36"] = lambda: _official_var(36, VAR_512, shared=True)
+    reg["var-tiny"] = _tiny
+    return reg
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered preset names matching a shell-style wildcard."""
+    return sorted(n for n in _registry() if fnmatch.fnmatch(n, pattern))
+
+
+def get_spec(name: str) -> ModelSpec:
+    reg = _registry()
+    if name not in reg:
+        raise UnknownModel(f"unknown model '{name}'; run `freqar models` to list presets")
+    return reg[name]()
+
+
+def _hub_file(repo: str, filename: str, cache_dir: str | None) -> Path:
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise WeightsNotFound(
+            f"no local path given for '{filename}' and huggingface_hub is not installed; "
+            f"download {repo}/{filename} and pass its path"
+        ) from None
+    try:
+        return Path(hf_hub_download(repo_id=repo, filename=filename, cache_dir=cache_dir))
+    except Exception as e:
+        raise WeightsNotFound(f"cannot fetch {repo}/{filename} from the hub ({type(e).__name__}); pass a local path") from None
+
+
+def create_model(
+    name_or_path: str,
+    *,
+    vae: str | os.PathLike[str] | None = None,
+    var: str | os.PathLike[str] | None = None,
+    pretrained: bool | None = None,
+    download: bool = False,
+    cache_dir: str | None = None,
+    device: str = "cpu",
+    init_seed: int | None = 0,
+) -> Pipeline:
+    """Build a preset (random weights unless weights are given or found) or load a saved model directory.
+
+    - a directory holding ``config.json`` -> freqar's own format;
+    - a preset name with ``vae``/``var`` local paths -> official ``.pth`` state dicts;
+    - a preset name with ``download=True`` -> its hub files through ``huggingface_hub``;
+    - otherwise the preset is built with random weights (``pretrained=True`` makes that an error).
+    """
+    p = Path(name_or_path)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise WeightsNotFound(f"'{p}' is a directory without config.json")
+        return load_pipeline_dir(p).to(device)
+    spec = get_spec(name_or_path)
+    pipe = build_pipeline(spec.name, spec.tokenizer, spec.transformer, spec.defaults, init_seed=init_seed)
+    want = pretrained if pretrained is not None else (vae is not None or var is not None or download)
+    if not want:
+        return pipe.to(device)
+    paths = {"vae": vae, "var": var}
+    for role in ("vae", "var"):
+        if paths[role] is None:
+            if not (download and spec.hub_repo and role in spec.files):
+                raise WeightsNotFound(
+                    f"model '{spec.name}' needs --{role} PATH"
+                    + (f" (official file {spec.files[role]} from {spec.hub_repo})" if role in spec.files else "")
+                )
+            paths[role] = _hub_file(spec.hub_repo, spec.files[role], cache_dir)
+    load_official_weights(pipe, paths["vae"], paths["var"])
+    return pipe.to(device)
+
+
+def load_official_weights(
+    pipe: Pipeline, vae_path: str | os.PathLike[str] | None, var_path: str | os.PathLike[str] | None
+) -> None:
+    """Load upstream ``vae_*.pth`` / ``var_d*.pth`` state dicts into a built pipeline."""
+    if vae_path is not None:
+        pipe.tokenizer.load_official(load_torch_file(vae_path, key="vae"), str(vae_path))
+    if var_path is not None:
+        pipe.transformer.load_official(load_torch_file(var_path), str(var_path))
+    pipe.eval()

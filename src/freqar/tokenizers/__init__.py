@@ -1,0 +1,1 @@
+"""Tokenizers: image <-> per-stage tokens, and the running canvas the engine updates."""
