@@ -125,7 +125,9 @@ def compute_var_fixture(fixture_dir: str | os.PathLike[str]) -> dict[str, torch.
                 num_classes=var_cfg.num_classes,
                 guidance=Guidance(cfg=float(g["cfg"]), schedule="linear"),
                 sampler=SamplerConfig(
-                    top_k=int(g.get("top_k", 0)), top_p=float(g.get("top_p", 0.0)), smooth=bool(g.get("more_smooth"))
+                    top_k=int(g.get("top_k", 0)),
+                    top_p=float(g.get("top_p", 0.0)),
+                    smooth=bool(g.get("more_smooth")),
                 ),
                 generator=gen,
                 record_logits=True,
@@ -157,7 +159,9 @@ def compare(
             rows.append(Row(name, float("inf"), tol, False, "not computed"))
             continue
         if tuple(got.shape) != tuple(exp.shape):
-            rows.append(Row(name, float("inf"), tol, False, f"shape {tuple(got.shape)} != {tuple(exp.shape)}"))
+            rows.append(
+                Row(name, float("inf"), tol, False, f"shape {tuple(got.shape)} != {tuple(exp.shape)}")
+            )
             continue
         if exp.is_floating_point():
             err = float((got.double() - exp.double()).abs().max()) if exp.numel() else 0.0

@@ -14,7 +14,9 @@ from .errors import FreqarError
 from .io import atomic_write
 
 
-def make_grid(images_B3HW: torch.Tensor, nrow: int | None = None, pad: int = 2, fill: float = 1.0) -> torch.Tensor:
+def make_grid(
+    images_B3HW: torch.Tensor, nrow: int | None = None, pad: int = 2, fill: float = 1.0
+) -> torch.Tensor:
     """Tile images in [0,1] into one (3, H', W') picture with ``pad`` pixels of ``fill`` between them."""
     B, C, H, W = images_B3HW.shape
     nrow = nrow or math.ceil(math.sqrt(B))

@@ -74,7 +74,11 @@ class PolicyState(Protocol):
 
 
 class TokenPolicy(Protocol):
-    """Decides which positions each stage computes and fills the rest (SparseVAR, FastVAR, dense)."""
+    """Decides which positions each stage computes and fills the rest (SparseVAR, FastVAR, dense).
+
+    A policy may also define ``observe_input(stage, tokens_BlC, state)``: the engine then calls it with
+    the full stage input (tokens from the canvas, stages >= 1) before ``select``, for scores that need it.
+    """
 
     name: str
 

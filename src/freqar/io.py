@@ -136,4 +136,5 @@ def load_state_dict_strict(
 
 def _abbrev(items: list[str], n: int = 6) -> str:
     shown = ", ".join(items[:n])
-    return f"[{shown}{', ... (%d more)' % (len(items) - n) if len(items) > n else ''}]"
+    more = f", ... ({len(items) - n} more)" if len(items) > n else ""
+    return f"[{shown}{more}]"

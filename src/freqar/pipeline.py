@@ -152,10 +152,11 @@ def build_pipeline(
     class_names: list[str] | None = None,
     init_seed: int | None = 0,
 ) -> Pipeline:
-    """Build randomly initialised modules; ``init_seed`` makes the init reproducible without global RNG side effects."""
+    """Build randomly initialised modules (``init_seed``: reproducible init, global RNG left untouched)."""
     if var_cfg.patch_nums != vae_cfg.patch_nums:
         raise InvalidOption(
-            f"scale schedules differ: tokenizer {list(vae_cfg.patch_nums)} vs transformer {list(var_cfg.patch_nums)}"
+            f"scale schedules differ: tokenizer {list(vae_cfg.patch_nums)} "
+            f"vs transformer {list(var_cfg.patch_nums)}"
         )
     if var_cfg.vocab_size != vae_cfg.vocab_size or var_cfg.z_channels != vae_cfg.z_channels:
         raise InvalidOption("transformer vocab_size/z_channels must match the tokenizer's")
@@ -191,5 +192,3 @@ def load_pipeline_dir(directory: str | os.PathLike[str]) -> Pipeline:
 
 def _sub(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-

@@ -43,10 +43,11 @@ class ModelSpec:
 
 def _official_var(depth: int, patch_nums: tuple[int, ...] = VAR_256, shared: bool = False) -> ModelSpec:
     reso = patch_nums[-1] * 16
+    aln = "shared" if shared else "per-block"
     return ModelSpec(
         name=f"var-d{depth}",
         family="var",
-        description=f"VAR-d{depth} class-conditional ImageNet {reso}px ({'shared' if shared else 'per-block'} AdaLN)",
+        description=f"VAR-d{depth} class-conditional ImageNet {reso}px ({aln} AdaLN)",
         tokenizer=MSVQConfig(patch_nums=patch_nums),
         transformer=VARConfig(
             depth=depth, embed_dim=64 * depth, num_heads=depth, shared_aln=shared, patch_nums=patch_nums
@@ -105,7 +106,9 @@ def _hub_file(repo: str, filename: str, cache_dir: str | None) -> Path:
     try:
         return Path(hf_hub_download(repo_id=repo, filename=filename, cache_dir=cache_dir))
     except Exception as e:
-        raise WeightsNotFound(f"cannot fetch {repo}/{filename} from the hub ({type(e).__name__}); pass a local path") from None
+        raise WeightsNotFound(
+            f"cannot fetch {repo}/{filename} from the hub ({type(e).__name__}); pass a local path"
+        ) from None
 
 
 def create_model(
@@ -142,7 +145,11 @@ def create_model(
             if not (download and spec.hub_repo and role in spec.files):
                 raise WeightsNotFound(
                     f"model '{spec.name}' needs --{role} PATH"
-                    + (f" (official file {spec.files[role]} from {spec.hub_repo})" if role in spec.files else "")
+                    + (
+                        f" (official file {spec.files[role]} from {spec.hub_repo})"
+                        if role in spec.files
+                        else ""
+                    )
                 )
             paths[role] = _hub_file(spec.hub_repo, spec.files[role], cache_dir)
     load_official_weights(pipe, paths["vae"], paths["var"])

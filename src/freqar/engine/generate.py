@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidOption
-from ..interfaces import Selection, TokenPolicy, Tokenizer, Transformer
+from ..interfaces import Selection, Tokenizer, TokenPolicy, Transformer
 from .guidance import Guidance
 from .sampling import SamplerConfig, sample_categorical
 
@@ -81,7 +81,7 @@ def draw_labels(num_classes: int, batch: int, generator: torch.Generator | None)
     return torch.multinomial(uniform, num_samples=batch, replacement=True, generator=generator).view(batch)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate(
     transformer: Transformer,
     tokenizer: Tokenizer,
@@ -122,8 +122,11 @@ def generate(
     for k in range(S):
         _sync(device)
         t0 = time.perf_counter()
-        sel = policy.select(k, pstate)
         stage_tok = None if k == 0 else tokenizer.next_input(canvas, k)
+        observe = getattr(policy, "observe_input", None)
+        if observe is not None and stage_tok is not None:
+            observe(k, stage_tok, pstate)  # optional hook: policies that score the stage input (FastVAR)
+        sel = policy.select(k, pstate)
         if stage_tok is not None and sel.index is not None:
             stage_tok = stage_tok.gather(1, sel.index.unsqueeze(-1).expand(-1, -1, stage_tok.shape[-1]))
         x = transformer.stage_input(cond, stage_tok, sel.index, k)

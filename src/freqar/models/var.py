@@ -208,7 +208,7 @@ class VARTransformer(nn.Module):
         self.register_buffer("lvl_1L", lvl, persistent=False)
         if cfg.shared_aln:
             self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
-        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList([AdaLNBlock(cfg, dpr[i]) for i in range(cfg.depth)])
         self.head_nm = HeadNorm(C, cfg.norm_eps)
         self.head = nn.Linear(C, cfg.vocab_size)
@@ -246,7 +246,11 @@ class VARTransformer(nn.Module):
         )
 
     def stage_input(
-        self, cond: VARCondition, tokens_BnCv: torch.Tensor | None, positions_Bn: torch.Tensor | None, stage: int
+        self,
+        cond: VARCondition,
+        tokens_BnCv: torch.Tensor | None,
+        positions_Bn: torch.Tensor | None,
+        stage: int,
     ) -> torch.Tensor:
         """Input rows (R, n, C) of a stage at the given positions (None = all, in order)."""
         lp_1lC = self.level_pos(stage)

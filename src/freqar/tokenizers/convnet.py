@@ -90,7 +90,7 @@ class _Mid(nn.Module):
 
 
 class _Level(nn.Module):
-    """One resolution level: ``block``/``attn`` lists and an optional resampler (``downsample``/``upsample``)."""
+    """One resolution level: ``block``/``attn`` lists and an optional ``downsample``/``upsample``."""
 
     def __init__(self, blocks: list[nn.Module], attns: list[nn.Module]) -> None:
         super().__init__()

@@ -46,7 +46,8 @@ class MSVQConfig:
         for m in self.ch_mult:
             if (self.ch * m) % self.groupnorm_groups:
                 raise InvalidOption(
-                    f"vae width ch*ch_mult = {self.ch * m} is not a multiple of {self.groupnorm_groups} groups"
+                    f"vae width ch*ch_mult = {self.ch * m} is not a multiple of "
+                    f"{self.groupnorm_groups} groups"
                 )
         if self.vocab_size < 1 or self.z_channels < 1:
             raise InvalidOption("vae vocab_size and z_channels must be >= 1")
@@ -63,7 +64,9 @@ def validate_patch_nums(patch_nums: tuple[int, ...]) -> None:
     """A schedule needs >= 2 strictly increasing positive scales (the last is the latent side)."""
     if len(patch_nums) < 2:
         raise InvalidOption(f"invalid scale schedule {list(patch_nums)}: need at least 2 scales")
-    if any(p < 1 for p in patch_nums) or any(b <= a for a, b in zip(patch_nums, patch_nums[1:], strict=False)):
+    if any(p < 1 for p in patch_nums) or any(
+        b <= a for a, b in zip(patch_nums, patch_nums[1:], strict=False)
+    ):
         raise InvalidOption(
             f"invalid scale schedule {list(patch_nums)}: sides must be positive and strictly increasing"
         )
@@ -153,7 +156,7 @@ class MultiScaleQuantizer(nn.Module):
         return self.embedding(idx_Bl).transpose(1, 2).reshape(B, -1, pn, pn)
 
     def residual(self, h_BChw: torch.Tensor, si: int) -> torch.Tensor:
-        """A scale's contribution to f_hat: bicubic-upsample to the latent grid (not at the last scale), then Phi."""
+        """A scale's contribution to f_hat: bicubic-upsample to the latent grid (not the last scale), then Phi."""
         if si != len(self.patch_nums) - 1:
             h_BChw = F.interpolate(h_BChw, size=(self.side, self.side), mode="bicubic")
         return self.quant_resi(h_BChw, si)
@@ -288,4 +291,3 @@ class VQVAE(nn.Module):
         if key not in state:
             state[key] = self.quantize.ema_vocab_hit_SV.clone()
         load_state_dict_strict(self, state, source=source)
-

@@ -1,0 +1,5 @@
+"""``python -m freqar`` = the ``freqar`` command."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,57 @@
+"""Argument helpers shared by subcommands (model selection, device, number lists)."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..errors import InvalidOption
+from ..pipeline import Pipeline
+from ..registry import create_model
+
+DEFAULT_MODEL = "var-tiny"
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"preset name (see `freqar models`) or a saved model directory (default: {DEFAULT_MODEL})",
+    )
+    p.add_argument("--vae", help="official tokenizer checkpoint (.pth), e.g. vae_ch160v4096z32.pth")
+    p.add_argument("--var", help="official transformer checkpoint (.pth), e.g. var_d16.pth")
+    p.add_argument(
+        "--download", action="store_true", help="fetch missing official files with huggingface_hub"
+    )
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+
+
+def resolve_device(name: str) -> str:
+    if name == "cpu":
+        return name
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InvalidOption(f"device '{name}' requested but CUDA is not available")
+        return name
+    raise InvalidOption(f"unknown device '{name}' (cpu, cuda, cuda:N)")
+
+
+def load_model(args: argparse.Namespace) -> Pipeline:
+    return create_model(
+        args.model, vae=args.vae, var=args.var, download=args.download, device=resolve_device(args.device)
+    )
+
+
+def int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip() != ""]
+    except ValueError:
+        raise InvalidOption(f"{what} must be comma-separated integers, got '{text}'") from None
+
+
+def float_list(text: str, what: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip() != ""]
+    except ValueError:
+        raise InvalidOption(f"{what} must be comma-separated numbers, got '{text}'") from None
