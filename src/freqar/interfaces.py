@@ -40,13 +40,40 @@ class StepOutput:
     taps: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
+@dataclass
+class StageSample:
+    """What a head's sampler drew for one stage over the full grid.
+
+    ``idx`` (B, l, ...) discrete codes (VAR indices, Infinity bits); ``soft`` (B, l, V) optional soft code
+    weights (VAR's Gumbel smoothing); ``values`` (B, l, C) optional continuous tokens (diffusion heads).
+    """
+
+    idx: torch.Tensor | None = None
+    soft: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+
+class StageHead(Protocol):
+    """Turns hidden states into per-token predictions, applies guidance and samples a stage.
+
+    Logit heads guide before sampling (``guide`` returns the B guided rows); a diffusion head keeps all
+    rows in ``guide`` and applies guidance inside its denoising loop in ``sample``.
+    """
+
+    def predict(self, hidden_RnC: torch.Tensor, cond: Any) -> torch.Tensor: ...
+    def guide(self, pred: torch.Tensor, batch: int, stage: int, num_stages: int) -> torch.Tensor: ...
+    def sample(
+        self, full: torch.Tensor, stage: int, num_stages: int, generator: torch.Generator | None
+    ) -> StageSample: ...
+
+
 class Tokenizer(Protocol):
     """Image <-> per-stage tokens plus the running canvas (f_hat) that generation updates."""
 
     def stage_grids(self) -> list[tuple[int, int]]: ...
     def init_canvas(self, batch: int, device: torch.device | str) -> torch.Tensor: ...
     def next_input(self, canvas: torch.Tensor, stage: int) -> torch.Tensor: ...
-    def token_vectors(self, idx_Bl: torch.Tensor, soft_BlV: torch.Tensor | None = None) -> torch.Tensor: ...
+    def token_vectors(self, sample: StageSample) -> torch.Tensor: ...
     def update(
         self, canvas: torch.Tensor, h_BlC: torch.Tensor, stage: int, keep_Bl: torch.Tensor | None = None
     ) -> torch.Tensor: ...

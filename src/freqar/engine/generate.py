@@ -15,9 +15,10 @@ from typing import Any
 import torch
 
 from ..errors import InvalidOption
-from ..interfaces import Selection, Tokenizer, TokenPolicy, Transformer
+from ..interfaces import Selection, StageHead, Tokenizer, TokenPolicy, Transformer
 from .guidance import Guidance
-from .sampling import SamplerConfig, sample_categorical
+from .heads import CategoricalHead
+from .sampling import SamplerConfig
 
 
 @dataclass
@@ -95,10 +96,15 @@ def generate(
     generator: torch.Generator | None = None,
     callback: Callable[[StageInfo], None] | None = None,
     record_logits: bool = False,
+    head: StageHead | None = None,
 ) -> GenerationOutput:
-    """Generate a batch of images; ``labels`` None draws ``batch`` random labels from ``generator``."""
+    """Generate a batch of images; ``labels`` None draws ``batch`` random labels from ``generator``.
+
+    ``head`` defaults to categorical codebook logits (VAR) built from ``guidance`` and ``sampler``;
+    other token kinds pass their own head.
+    """
     guidance = guidance or Guidance()
-    sampler = sampler or SamplerConfig()
+    head = head or CategoricalHead(transformer, guidance, sampler or SamplerConfig())
     policy = policy or DensePolicy()
     device = next(transformer.parameters()).device  # type: ignore[attr-defined]
     if labels is None:
@@ -133,13 +139,13 @@ def generate(
         cache.begin_stage(x.shape[1], None if sel.valid is None else sel.valid.repeat(R // B, 1))
         out = transformer.step(x, cond, cache, sel.taps)
         cache.end_stage()
-        guided = guidance.combine(transformer.logits(out.hidden, cond), B, k, S)
-        full_BlV, keep_Bl = policy.fill(k, sel, guided, out, pstate)
+        guided = head.guide(head.predict(out.hidden, cond), B, k, S)
+        full, keep_Bl = policy.fill(k, sel, guided, out, pstate)
         if record_logits:
-            logits_rec.append(full_BlV.clone())
-        idx_Bl, soft = sample_categorical(full_BlV, sampler, generator, k / (S - 1))
-        canvas = tokenizer.update(canvas, tokenizer.token_vectors(idx_Bl, soft), k, keep_Bl)
-        tokens.append(idx_Bl)
+            logits_rec.append(full.clone())
+        drawn = head.sample(full, k, S, generator)
+        canvas = tokenizer.update(canvas, tokenizer.token_vectors(drawn), k, keep_Bl)
+        tokens.append(drawn.idx if drawn.idx is not None else drawn.values)
         _sync(device)
         stage_s.append(time.perf_counter() - t0)
         n = grids[k][0] * grids[k][1]

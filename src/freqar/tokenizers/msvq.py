@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidOption
+from ..interfaces import StageSample
 from .convnet import Decoder, Encoder
 
 
@@ -156,7 +157,7 @@ class MultiScaleQuantizer(nn.Module):
         return self.embedding(idx_Bl).transpose(1, 2).reshape(B, -1, pn, pn)
 
     def residual(self, h_BChw: torch.Tensor, si: int) -> torch.Tensor:
-        """A scale's contribution to f_hat: bicubic-upsample to the latent grid (not the last scale), then Phi."""
+        """A scale's share of f_hat: bicubic-upsample to the latent grid (not the last scale), then Phi."""
         if si != len(self.patch_nums) - 1:
             h_BChw = F.interpolate(h_BChw, size=(self.side, self.side), mode="bicubic")
         return self.quant_resi(h_BChw, si)
@@ -259,11 +260,12 @@ class VQVAE(nn.Module):
     def next_input(self, canvas: torch.Tensor, stage: int) -> torch.Tensor:
         return self.quantize.next_input(canvas, stage)
 
-    def token_vectors(self, idx_Bl: torch.Tensor, soft_BlV: torch.Tensor | None = None) -> torch.Tensor:
+    def token_vectors(self, sample: StageSample) -> torch.Tensor:
         """Code vectors (B, l, C) for sampled indices, or the soft mixture ``soft @ codebook``."""
-        if soft_BlV is not None:
-            return soft_BlV @ self.quantize.embedding.weight.unsqueeze(0)
-        return self.quantize.embedding(idx_Bl)
+        if sample.soft is not None:
+            return sample.soft @ self.quantize.embedding.weight.unsqueeze(0)
+        assert sample.idx is not None
+        return self.quantize.embedding(sample.idx)
 
     def update(
         self, canvas: torch.Tensor, h_BlC: torch.Tensor, stage: int, keep_Bl: torch.Tensor | None = None
