@@ -1,0 +1,303 @@
+"""SparseVAR (arXiv 2507.20454): training-free exclusion of low-frequency tokens in the late stages.
+
+Paper-derived (the authors released no code), with the decisions the paper leaves open made here:
+
+- Stages are 0-based. ``start_stage`` P defaults to ``max(1, S - 4)``: the last four scales are sparse,
+  as the paper's P = 10 (1-based) of Infinity's 13 scales. ΔF is measured from stage P-1 on.
+- ΔF (Eq. 1) = mean over channels of (block-s output - block-s input)², from the conditional rows; a
+  position that was not computed counts as 0. It is resized to the next grid bilinearly.
+- Eq. 2 per sample: low = resized ΔF < τ·max. Exclusion is monotone: the previous stage's low set,
+  nearest-upsampled, stays low. Anchors (top-left of each α×α cell) are always computed.
+- Eq. 3: the previous stage's guided logits, bilinearly resized, give the cosine similarity of an
+  excluded token to the anchors of its own and the 8 neighbouring cells; if the best is >= β the token
+  takes that anchor's current-stage logits (then draws its own code), otherwise its residual is zero.
+- Keep-budget mode (``keep``, beyond the paper): every sample computes exactly round(keep·l) tokens per
+  sparse stage (anchors first, then the highest ΔF, previously excluded positions last). Equal counts
+  need no padding, so batched runs stay on the unmasked attention path; it also fixes the cost in
+  advance, which a deadline or a benchmark at a fixed budget needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InvalidOption
+from ..interfaces import Selection, StepOutput
+
+# Codes of the per-stage mask pictures (the paper's Figure 7).
+COMPUTED, ANCHOR, COPIED, ZEROED = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class SparseVARConfig:
+    """SparseVAR knobs; defaults are the paper's (τ 0.6, α 4, β 0.9), P and s resolved per model."""
+
+    tau: float = 0.6
+    alpha: int = 4
+    beta: float = 0.9
+    start_stage: int | None = None
+    block: int | None = None
+    keep: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.tau <= 1.0:
+            raise InvalidOption(f"sparsevar tau must be in [0, 1], got {self.tau}")
+        if int(self.alpha) != self.alpha or self.alpha < 1:
+            raise InvalidOption(f"sparsevar alpha (anchor grid) must be an integer >= 1, got {self.alpha}")
+        if not -1.0 <= self.beta <= 1.0:
+            raise InvalidOption(f"sparsevar beta (similarity threshold) must be in [-1, 1], got {self.beta}")
+        if self.start_stage is not None and self.start_stage < 1:
+            raise InvalidOption(
+                f"sparsevar start stage must be >= 1 (ΔF comes from the stage before), got {self.start_stage}"
+            )
+        if self.block is not None and self.block < 0:
+            raise InvalidOption(f"sparsevar block must be >= 0, got {self.block}")
+        if self.keep is not None and not 0.0 < self.keep <= 1.0:
+            raise InvalidOption(f"sparsevar keep budget must be in (0, 1], got {self.keep}")
+
+    def resolve(self, num_stages: int, depth: int) -> tuple[int, int]:
+        """(P, s) for a model: defaults filled in, ``block`` checked against the depth."""
+        s = depth // 2 if self.block is None else self.block
+        if not 0 <= s < depth:
+            raise InvalidOption(
+                f"sparsevar block {s} is outside the transformer's depth {depth} (0..{depth - 1})"
+            )
+        P = max(1, num_stages - 4) if self.start_stage is None else self.start_stage
+        return P, s
+
+    def disabled(self, num_stages: int, depth: int) -> bool:
+        """τ = 0 (threshold mode), keep = 1, or P past the last stage: exactly dense generation."""
+        P, _ = self.resolve(num_stages, depth)
+        if P >= num_stages:
+            return True
+        return self.keep == 1.0 if self.keep is not None else self.tau == 0.0
+
+
+@dataclass
+class SparseVARState:
+    """Per-call state: what stage k needs from stage k-1, plus stats and mask pictures."""
+
+    grids: list[tuple[int, int]]
+    batch: int
+    P: int
+    s: int
+    off: bool
+    dF_Bl: torch.Tensor | None = None  # ΔF of the previous stage over its grid
+    low_Bl: torch.Tensor | None = None  # low-frequency set of the previous stage
+    prev_BVhw: torch.Tensor | None = None  # previous guided logits resized to the current grid
+    computed_Bl: torch.Tensor | None = None  # this stage's computed positions (set by select)
+    anchor_l: torch.Tensor | None = None
+    masks: list[torch.Tensor] = field(default_factory=list)  # per stage (B, h, w) uint8 codes
+    stats: list[dict] = field(default_factory=list)
+
+
+def anchor_mask(h: int, w: int, alpha: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(h*w,) bool: the top-left position of every α×α cell."""
+    rows = torch.arange(h, device=device) % alpha == 0
+    cols = torch.arange(w, device=device) % alpha == 0
+    return (rows[:, None] & cols[None, :]).reshape(h * w)
+
+
+def best_anchor(prev_BVhw: torch.Tensor, alpha: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 3: per position, the best cosine similarity to an anchor of its own or the 8 neighbouring cells.
+
+    Batched per cell (positions of a cell × its 9 candidate anchors), so the cost is O(l·9·V), not
+    O(l·anchors·V). Returns (similarity (B, l), that anchor's position (B, l)).
+    """
+    B, V, h, w = prev_BVhw.shape
+    a = alpha
+    nh, nw = math.ceil(h / a), math.ceil(w / a)
+    x = F.normalize(prev_BVhw, dim=1)
+    anchors = F.pad(x[:, :, ::a, ::a], (1, 1, 1, 1))  # (B, V, nh+2, nw+2), zero ring = no anchor
+    offsets = [(di, dj) for di in (-1, 0, 1) for dj in (-1, 0, 1)]
+    nbr = torch.stack(
+        [anchors[:, :, 1 + di : 1 + di + nh, 1 + dj : 1 + dj + nw] for di, dj in offsets], dim=-1
+    )
+    nbr_NV9 = nbr.permute(0, 2, 3, 1, 4).reshape(B * nh * nw, V, 9)
+    xp = F.pad(x, (0, nw * a - w, 0, nh * a - h))
+    cells_NcV = xp.view(B, V, nh, a, nw, a).permute(0, 2, 4, 3, 5, 1).reshape(B * nh * nw, a * a, V)
+    sim = torch.bmm(cells_NcV, nbr_NV9).view(B, nh, nw, a * a, 9)
+    ci = torch.arange(nh, device=x.device)
+    cj = torch.arange(nw, device=x.device)
+    di = torch.tensor([o[0] for o in offsets], device=x.device)
+    dj = torch.tensor([o[1] for o in offsets], device=x.device)
+    ok_r = ((ci[:, None] + di[None]) >= 0) & ((ci[:, None] + di[None]) < nh)  # (nh, 9)
+    ok_c = ((cj[:, None] + dj[None]) >= 0) & ((cj[:, None] + dj[None]) < nw)  # (nw, 9)
+    ok = (ok_r[:, None, :] & ok_c[None, :, :])[None, :, :, None, :]  # (1, nh, nw, 1, 9)
+    best, j = sim.masked_fill(~ok, -torch.inf).max(dim=-1)  # (B, nh, nw, a*a)
+
+    def to_grid(t: torch.Tensor) -> torch.Tensor:
+        return t.view(B, nh, nw, a, a).permute(0, 1, 3, 2, 4).reshape(B, nh * a, nw * a)[:, :h, :w]
+
+    best_Bhw, j_Bhw = to_grid(best), to_grid(j)
+    r = torch.arange(h, device=x.device)[:, None] // a
+    c = torch.arange(w, device=x.device)[None, :] // a
+    pos = (r + di[j_Bhw]) * a * w + (c + dj[j_Bhw]) * a
+    return best_Bhw.reshape(B, h * w), pos.reshape(B, h * w)
+
+
+def selection_from_mask(computed_Bl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Row-major positions of the True entries, padded to the largest count (+ validity if counts differ)."""
+    B, l = computed_Bl.shape
+    counts = computed_Bl.sum(dim=1)
+    n = int(counts.max())
+    key = (~computed_Bl).long() * l + torch.arange(l, device=computed_Bl.device)
+    index = key.sort(dim=1).indices[:, :n]  # computed positions first, in order; padding = excluded ones
+    if bool((counts == n).all()):
+        return index, None
+    return index, torch.arange(n, device=computed_Bl.device)[None, :] < counts[:, None]
+
+
+def scatter_rows(values_BnD: torch.Tensor, sel: Selection, l: int) -> torch.Tensor:
+    """Values of the computed tokens placed on the full grid (B, l, D); padded entries are dropped."""
+    if sel.index is None:
+        return values_BnD
+    B, n, D = values_BnD.shape
+    idx = sel.index if sel.valid is None else sel.index.masked_fill(~sel.valid, l)  # padding -> dump slot
+    full = values_BnD.new_zeros(B, l + 1, D)
+    full.scatter_(1, idx.unsqueeze(-1).expand(B, n, D), values_BnD)
+    return full[:, :l]
+
+
+def _resize(x_BChw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(x_BChw.shape[-2:]) == size:
+        return x_BChw
+    return F.interpolate(x_BChw, size=size, mode="bilinear", align_corners=False)
+
+
+class SparseVARPolicy:
+    """Token policy implementing SparseVAR's Algorithm 1 on the engine's select/fill contract."""
+
+    name = "sparsevar"
+
+    def __init__(self, cfg: SparseVARConfig | None = None) -> None:
+        self.cfg = cfg or SparseVARConfig()
+
+    def begin(
+        self, grids: list[tuple[int, int]], batch: int, depth: int, device: torch.device
+    ) -> SparseVARState:
+        P, s = self.cfg.resolve(len(grids), depth)
+        return SparseVARState(grids, batch, P, s, self.cfg.disabled(len(grids), depth))
+
+    # ----- select ------------------------------------------------------------------------------------
+    def select(self, stage: int, st: SparseVARState) -> Selection:
+        h, w = st.grids[stage]
+        st.computed_Bl, st.anchor_l = None, None
+        if st.off or stage < st.P - 1:
+            return Selection()
+        taps = (st.s,) if stage < len(st.grids) - 1 else ()
+        if stage == st.P - 1:
+            return Selection(taps=taps)
+        assert st.dF_Bl is not None and st.low_Bl is not None
+        ph, pw = st.grids[stage - 1]
+        B = st.batch
+        dF = _resize(st.dF_Bl.view(B, 1, ph, pw), (h, w)).reshape(B, h * w)
+        prev_low = F.interpolate(st.low_Bl.view(B, 1, ph, pw).float(), size=(h, w), mode="nearest")
+        prev_low = prev_low.reshape(B, h * w) > 0.5
+        anchor = anchor_mask(h, w, self.cfg.alpha, dF.device)
+        if self.cfg.keep is None:
+            low = (dF < self.cfg.tau * dF.amax(dim=1, keepdim=True)) | prev_low  # Eq. 2 + monotone
+            computed = ~low | anchor
+        else:
+            n_keep = min(h * w, max(int(anchor.sum()), round(self.cfg.keep * h * w)))
+            key = torch.where(prev_low, dF - dF.amax(dim=1, keepdim=True) - 1.0, dF)
+            key = key.masked_fill(anchor, torch.inf)
+            computed = torch.zeros_like(prev_low)
+            computed.scatter_(1, key.topk(n_keep, dim=1).indices, True)
+            low = ~computed
+        st.low_Bl, st.computed_Bl, st.anchor_l = low, computed, anchor
+        if bool(computed.all()):
+            return Selection(taps=taps)
+        index, valid = selection_from_mask(computed)
+        return Selection(index=index, valid=valid, taps=taps)
+
+    # ----- fill --------------------------------------------------------------------------------------
+    def fill(
+        self, stage: int, sel: Selection, logits_BnV: torch.Tensor, out: StepOutput, st: SparseVARState
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h, w = st.grids[stage]
+        l = h * w
+        B = st.batch
+        if st.off:
+            return logits_BnV, None
+        keep_Bl = None
+        full_BlV = scatter_rows(logits_BnV, sel, l)
+        code = torch.zeros(B, l, dtype=torch.uint8, device=logits_BnV.device)
+        if stage >= st.P and st.computed_Bl is not None and not sel.dense:
+            full_BlV, keep_Bl, code = self._fill_excluded(full_BlV, st)
+        if stage >= st.P - 1:
+            self._record(stage, st, code)
+        last = stage == len(st.grids) - 1
+        if stage >= st.P - 1 and not last:
+            tap_in, tap_out = out.taps[st.s]
+            dF_Bn = (tap_out[:B] - tap_in[:B]).float().square().mean(dim=-1, keepdim=True)  # Eq. 1, cond rows
+            st.dF_Bl = scatter_rows(dF_Bn, sel, l).squeeze(-1)
+            if stage == st.P - 1:
+                st.low_Bl = torch.zeros(B, l, dtype=torch.bool, device=dF_Bn.device)
+            nh, nw = st.grids[stage + 1]
+            prev = full_BlV.transpose(1, 2).reshape(B, -1, h, w)
+            st.prev_BVhw = _resize(prev, (nh, nw))  # a new tensor: the sampler may mask full_BlV in place
+            if st.prev_BVhw is prev:
+                st.prev_BVhw = prev.clone()
+        return full_BlV, keep_Bl
+
+    def _fill_excluded(
+        self, full_BlV: torch.Tensor, st: SparseVARState
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Eq. 3: excluded tokens copy the most similar anchor's logits, or get a zero residual."""
+        assert st.prev_BVhw is not None and st.computed_Bl is not None and st.anchor_l is not None
+        computed, anchor = st.computed_Bl, st.anchor_l
+        sim, src = best_anchor(st.prev_BVhw, self.cfg.alpha)
+        excluded = ~computed
+        copied = excluded & (sim >= self.cfg.beta)
+        b, p = copied.nonzero(as_tuple=True)
+        full_BlV[b, p] = full_BlV[b, src[b, p]]
+        zeroed = excluded & ~copied
+        code = torch.full_like(computed, COMPUTED, dtype=torch.uint8)
+        code[anchor[None, :] & st.low_Bl] = ANCHOR  # computed only because it is an anchor
+        code[copied] = COPIED
+        code[zeroed] = ZEROED
+        keep = None if not bool(zeroed.any()) else ~zeroed
+        return full_BlV, keep, code
+
+    def _record(self, stage: int, st: SparseVARState, code_Bl: torch.Tensor) -> None:
+        h, w = st.grids[stage]
+        st.masks.append(code_Bl.view(st.batch, h, w).cpu())
+        counts = torch.stack([(code_Bl == c).sum(dim=1) for c in (COMPUTED, ANCHOR, COPIED, ZEROED)]).cpu()
+        st.stats.append(
+            {
+                "stage": stage,
+                "grid": [h, w],
+                "computed": (counts[0] + counts[1]).tolist(),
+                "anchors": counts[1].tolist(),
+                "copied": counts[2].tolist(),
+                "zeroed": counts[3].tolist(),
+            }
+        )
+
+    def stats(self, st: SparseVARState) -> list[dict]:
+        """Per sparse stage (P-1 on) and sample: tokens computed, anchors in the low set, copied, zeroed."""
+        return st.stats
+
+
+def mask_picture(masks: list[torch.Tensor], sample: int = 0, cell: int = 4) -> torch.Tensor:
+    """The paper's Figure 7 for one sample: one panel per recorded stage, upsampled to the last grid.
+
+    Colours: computed = white, anchor in a low region = red, copied = light blue, zeroed = dark grey.
+    Returns an image (3, H, W) in [0, 1].
+    """
+    palette = torch.tensor([[1.0, 1.0, 1.0], [0.85, 0.1, 0.1], [0.55, 0.75, 0.95], [0.25, 0.25, 0.25]])
+    if not masks:
+        return torch.ones(3, cell, cell)
+    side = max(max(m.shape[-2:]) for m in masks) * cell
+    panels = []
+    for m in masks:
+        rgb = palette[m[sample].long()].permute(2, 0, 1)  # (3, h, w)
+        panels.append(F.interpolate(rgb[None], size=(side, side), mode="nearest")[0])
+    gap = torch.ones(3, side, max(2, cell))
+    row = [p for panel in panels for p in (panel, gap)][:-1]
+    return torch.cat(row, dim=2)
