@@ -78,7 +78,8 @@ def _sync(device: torch.device) -> None:
 
 def draw_labels(num_classes: int, batch: int, generator: torch.Generator | None) -> torch.Tensor:
     """Random class labels, drawn first from the call's generator (upstream's order)."""
-    uniform = torch.full((1, num_classes), 1.0 / num_classes, dtype=torch.float32)
+    device = generator.device if generator is not None else "cpu"
+    uniform = torch.full((1, num_classes), 1.0 / num_classes, dtype=torch.float32, device=device)
     return torch.multinomial(uniform, num_samples=batch, replacement=True, generator=generator).view(batch)
 
 
