@@ -232,5 +232,6 @@ def test_mask_picture_and_stats(pipe: Pipeline) -> None:
         for b in range(len(LABELS)):
             assert s["computed"][b] + s["copied"][b] + s["zeroed"][b] == h * w
     assert [s["computed"] for s in stats] == out.tokens_computed[1:]
-    pic = mask_picture(out.policy_state.masks, sample=1)
-    assert pic.shape[0] == 3 and pic.min() >= 0 and pic.max() <= 1
+    pic = mask_picture(out.policy_state.masks, sample=1, image=out.images[1], side=32)
+    assert pic.shape[:2] == (3, 32) and pic.min() >= 0 and pic.max() <= 1
+    assert pic.shape[2] == 5 * 32 + 4 * 2  # image + 4 stage panels, 2-pixel gaps

@@ -4,11 +4,26 @@ from __future__ import annotations
 
 import argparse
 
+import torch
 from tqdm import tqdm
 
 from ..errors import InvalidOption
 from ..imageio import check_writable, make_grid, save_png
-from .common import add_model_args, int_list, load_model
+from ..policies import make_policy
+from ..policies.sparsevar import mask_picture
+from .common import add_model_args, float_list, int_list, load_model
+
+# --accel knob options -> (policy config field, policies that accept it)
+_KNOBS = {
+    "tau": ("tau", ("sparsevar",)),
+    "alpha": ("alpha", ("sparsevar",)),
+    "beta": ("beta", ("sparsevar",)),
+    "probe_block": ("block", ("sparsevar",)),
+    "start_stage": ("start_stage", ("sparsevar", "fastvar")),
+    "keep": ("keep", ("sparsevar", "fastvar")),
+    "drop": ("drop", ("fastvar",)),
+    "cache_stage": ("cache_stage", ("fastvar",)),
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +40,44 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nrow", type=int, default=None, help="images per grid row")
     p.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.add_argument_group("acceleration (token policies)")
+    a.add_argument(
+        "--accel",
+        nargs="?",
+        const="sparsevar",
+        default="none",
+        choices=("none", "sparsevar", "fastvar"),
+        help="token policy: none (dense, default), sparsevar (what a bare --accel gives, paper defaults) "
+        "or fastvar (peer baseline)",
+    )
+    a.add_argument("--tau", type=float, help="SparseVAR threshold τ in [0,1] (0.6; 0 = off)")
+    a.add_argument("--alpha", type=int, help="SparseVAR anchor grid α >= 1 (4)")
+    a.add_argument("--beta", type=float, help="SparseVAR anchor similarity threshold β in [-1,1] (0.9)")
+    a.add_argument("--probe-block", type=int, help="SparseVAR block s for the ΔF map (middle block)")
+    a.add_argument("--start-stage", type=int, help="first sparse stage P, 0-based (number of stages - 4)")
+    a.add_argument(
+        "--keep", type=float, help="keep-budget mode: fraction of tokens computed per sparse stage"
+    )
+    a.add_argument("--drop", help="FastVAR drop ratios per pruned stage, comma-separated (0.4,0.5,0.5,0.75)")
+    a.add_argument("--cache-stage", type=int, help="FastVAR dense cache stage (start stage - 1)")
+    a.add_argument("--save-masks", metavar="PATH", help="SparseVAR: write the per-stage token masks (PNG)")
     p.set_defaults(func=run)
+
+
+def build_policy(args: argparse.Namespace):
+    """The token policy the options ask for (None = dense); knobs of another policy are an error."""
+    knobs = {}
+    for opt, (field, owners) in _KNOBS.items():
+        value = getattr(args, opt)
+        if value is None:
+            continue
+        if args.accel not in owners:
+            flag = "--" + opt.replace("_", "-")
+            raise InvalidOption(f"{flag} applies to --accel {' or '.join(owners)}, not --accel {args.accel}")
+        knobs[field] = tuple(float_list(value, "--drop")) if opt == "drop" else value
+    if args.save_masks and args.accel != "sparsevar":
+        raise InvalidOption("--save-masks needs --accel sparsevar")
+    return None if args.accel == "none" else make_policy(args.accel, **knobs)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     if args.batch is not None and args.batch < 1:
         raise InvalidOption(f"--batch must be >= 1, got {args.batch}")
     out = check_writable(args.out)
+    masks_out = check_writable(args.save_masks) if args.save_masks else None
+    policy = build_policy(args)
     pipe = load_model(args)
     labels = int_list(args.labels, "--labels") if args.labels else None
     if labels is not None:
@@ -47,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidOption("--labels is empty")
         pipe.check_labels(labels)
     n_stages = len(pipe.tokenizer.stage_grids())
+    if policy is not None:  # knob errors that depend on the model (probe block vs depth) before any work
+        policy.begin(pipe.tokenizer.stage_grids(), 1, pipe.transformer.depth, pipe.device)
     bar = tqdm(total=n_stages, desc="stages", unit="stage", disable=args.quiet, leave=False)
 
     def on_stage(info) -> None:
@@ -62,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         temperature=args.temperature,
         smooth=args.smooth,
+        policy=policy,
         callback=on_stage,
     )
     bar.close()
@@ -74,4 +131,19 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {out} ({len(labs)} image{'s' if len(labs) > 1 else ''}, {pipe.image_size}px, labels {shown}; "
         f"transformer {res.transformer_seconds:.2f}s, decode {res.decode_seconds:.2f}s)"
     )
+    if policy is not None:
+        total = sum(h * w for h, w in res.grids) * len(labs)
+        done = sum(sum(c) for c in res.tokens_computed)
+        print(f"{policy.name}: computed {done}/{total} tokens ({100 * done / total:.1f}%)")
+    if masks_out is not None:
+        save_png(_masks_grid(res), masks_out)
+        print(f"wrote {masks_out} (token masks per sparse stage: red = anchor, blue = copied, grey = zeroed)")
     return 0
+
+
+def _masks_grid(res) -> torch.Tensor:
+    """One row per sample: the image, then its mask at every sparse stage."""
+    masks = res.policy_state.masks
+    side = max(64, min(256, 8 * res.grids[-1][0]))
+    rows = [mask_picture(masks, b, res.images[b], side) for b in range(res.images.shape[0])]
+    return rows[0] if len(rows) == 1 else make_grid(torch.stack(rows), nrow=1)

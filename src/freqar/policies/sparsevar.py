@@ -284,20 +284,27 @@ class SparseVARPolicy:
         return st.stats
 
 
-def mask_picture(masks: list[torch.Tensor], sample: int = 0, cell: int = 4) -> torch.Tensor:
-    """The paper's Figure 7 for one sample: one panel per recorded stage, upsampled to the last grid.
+def mask_picture(
+    masks: list[torch.Tensor], sample: int = 0, image: torch.Tensor | None = None, side: int = 256
+) -> torch.Tensor:
+    """The paper's Figure 7 for one sample: the image, then one panel per recorded stage over it.
 
-    Colours: computed = white, anchor in a low region = red, copied = light blue, zeroed = dark grey.
-    Returns an image (3, H, W) in [0, 1].
+    Computed tokens show the image (white without one); anchors computed inside a low-frequency region
+    are red, copied tokens blue, zeroed tokens dark grey. Returns (3, side, panels*side + gaps) in [0, 1].
     """
-    palette = torch.tensor([[1.0, 1.0, 1.0], [0.85, 0.1, 0.1], [0.55, 0.75, 0.95], [0.25, 0.25, 0.25]])
-    if not masks:
-        return torch.ones(3, cell, cell)
-    side = max(max(m.shape[-2:]) for m in masks) * cell
-    panels = []
+    palette = torch.tensor([[1.0, 1.0, 1.0], [0.9, 0.1, 0.1], [0.2, 0.45, 0.95], [0.15, 0.15, 0.15]])
+    base = torch.ones(3, side, side)
+    if image is not None:
+        base = F.interpolate(
+            image[None].float().cpu(), size=(side, side), mode="bilinear", align_corners=False
+        )
+        base = base[0].clamp(0, 1)
+    panels = [base] if image is not None else []
     for m in masks:
-        rgb = palette[m[sample].long()].permute(2, 0, 1)  # (3, h, w)
-        panels.append(F.interpolate(rgb[None], size=(side, side), mode="nearest")[0])
-    gap = torch.ones(3, side, max(2, cell))
-    row = [p for panel in panels for p in (panel, gap)][:-1]
-    return torch.cat(row, dim=2)
+        code = F.interpolate(m[sample][None, None].float(), size=(side, side), mode="nearest")[0, 0].long()
+        colour = palette[code].permute(2, 0, 1)
+        panels.append(torch.where(code[None] == COMPUTED, base, 0.35 * base + 0.65 * colour))
+    if not panels:
+        return base
+    gap = torch.ones(3, side, max(2, side // 32))
+    return torch.cat([t for p in panels for t in (p, gap)][:-1], dim=2)

@@ -1,0 +1,100 @@
+"""``freqar bench`` smoke test on the tiny scenario, its metrics, and the generate --accel options."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from freqar.bench import get_scenario, plan_settings, psnr, run_bench, ssim, transformer_flops, write_report
+from freqar.cli import main
+from freqar.errors import InvalidOption
+from freqar.models.var import VARConfig
+
+FIELDS = {
+    "latency_median_s",
+    "speedup_vs_dense",
+    "ideal_speedup",
+    "efficiency",
+    "tokens_computed_fraction",
+    "stage_latency_median_s",
+    "stage_tokens",
+    "peak_memory_mb",
+    "psnr_db",
+    "ssim",
+    "token_agreement",
+}
+
+
+def test_bench_tiny_writes_json_md_png(tmp_path) -> None:
+    report = run_bench(
+        get_scenario("tiny"),
+        methods=["dense", "sparsevar", "fastvar"],
+        taus=[0.9],
+        budgets=[0.3],
+        runs=1,
+        warmup=0,
+    )
+    paths = write_report(report, tmp_path / "b")
+    assert {p.name for p in paths} == {"bench.json", "bench.md", "bench.png"}
+    data = json.loads((tmp_path / "b" / "bench.json").read_text())
+    labels = [r["setting"] for r in data["results"]]
+    assert labels[0] == "dense" and "sparsevar keep=0.3" in labels and "fastvar keep=0.3" in labels
+    for r in data["results"]:
+        assert FIELDS <= set(r)
+        assert len(r["stage_tokens"]) == len(data["scenario"]["patch_nums"])
+    disabled = next(r for r in data["results"] if r["mode"] == "disabled")
+    assert disabled["bit_identical_to_dense"] is True
+    budget = next(r for r in data["results"] if r["setting"] == "sparsevar keep=0.3")
+    assert budget["ideal_speedup"] > 1 and budget["tokens_computed_fraction"] < 1
+    assert data["results"][0]["psnr_db"] is None  # dense vs itself: identical (infinite PSNR)
+    assert "| sparsevar | sparsevar keep=0.3 |" in (tmp_path / "b" / "bench.md").read_text()
+
+
+def test_flop_model_and_fidelity_metrics() -> None:
+    cfg = VARConfig(depth=2, embed_dim=64, num_heads=4, patch_nums=(1, 2, 4), vocab_size=16, z_channels=4)
+    dense = transformer_flops(cfg, [1, 4, 16], rows=2)
+    half = transformer_flops(cfg, [1, 4, 8], rows=2)
+    assert dense == 2 * transformer_flops(cfg, [1, 4, 16], rows=1)
+    assert 1 < dense / half < 2
+    img = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert psnr(img, img) == float("inf") and abs(ssim(img, img) - 1) < 1e-6
+    assert psnr(img, img.flip(-1)) < 20 and ssim(img, img.flip(-1)) < 0.5
+
+
+def test_plan_rejects_bad_inputs() -> None:
+    with pytest.raises(InvalidOption, match="unknown bench method"):
+        plan_settings(["dense", "turbo"], [], [])
+    with pytest.raises(InvalidOption, match="budgets"):
+        plan_settings(["sparsevar"], [], [1.5])
+    with pytest.raises(InvalidOption, match="unknown scenario"):
+        get_scenario("var-d99")
+
+
+def test_cli_bench_list_and_errors(capsys) -> None:
+    assert main(["bench", "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert "var-d16" in listed and "infinity-1024" in listed and "tiny" in listed
+    assert main(["bench", "--scenario", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("freqar: error: unknown scenario") and err.count("\n") == 1
+
+
+def test_cli_generate_accel_and_save_masks(tmp_path, capsys) -> None:
+    out, masks = tmp_path / "s.png", tmp_path / "m.png"
+    argv = ["generate", "--labels", "1,2", "--quiet", "--out", str(out)]
+    assert main(argv + ["--accel", "--tau", "0.9", "--start-stage", "3", "--save-masks", str(masks)]) == 0
+    assert out.is_file() and masks.is_file()
+    assert "sparsevar: computed" in capsys.readouterr().out
+    assert main(argv + ["--accel", "fastvar", "--keep", "0.5"]) == 0
+    for bad, words in [
+        (["--tau", "0.5"], "--tau applies to --accel sparsevar"),
+        (["--accel", "sparsevar", "--tau", "1.5"], "tau must be in [0, 1]"),
+        (["--accel", "sparsevar", "--probe-block", "9"], "block 9 is outside"),
+        (["--accel", "fastvar", "--save-masks", str(masks)], "--save-masks needs --accel sparsevar"),
+    ]:
+        capsys.readouterr()
+        assert main(argv + bad) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("freqar: error:") and words in err
