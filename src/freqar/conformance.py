@@ -149,6 +149,10 @@ def compare(
     cfg = read_json(d / "config.json")
     tolerances = cfg.get("tolerances", {}) or {}
     expected = load_safetensors(d / "expected.safetensors")
+    if computed is None and _is_hart(cfg):
+        from .conformance_hart import compute_hart_fixture
+
+        computed = compute_hart_fixture(d)
     computed = compute_var_fixture(d) if computed is None else computed
     rows = []
     for name in sorted(expected, key=_order(cfg)):
@@ -175,6 +179,11 @@ def compare(
     return rows
 
 
+def _is_hart(cfg: object) -> bool:
+    """HART fixtures are recognised by their format tag (``freqar-hart-fixture/N``)."""
+    return isinstance(cfg, dict) and str(cfg.get("format", "")).startswith("freqar-hart-fixture/")
+
+
 def _order(cfg: dict):
     listed = list(cfg.get("tensors", {}))
     return lambda n: (listed.index(n) if n in listed else len(listed), n)
@@ -183,7 +192,12 @@ def _order(cfg: dict):
 def run(fixture_dir: str | os.PathLike[str]) -> list[Row]:
     """Validate the fixture folder, then compare; raises FreqarError for missing files."""
     d = Path(fixture_dir)
-    for f in ("config.json", "vae.pth", "var.pth", "expected.safetensors"):
+    files: tuple[str, ...] = ("config.json", "vae.pth", "var.pth", "expected.safetensors")
+    if (d / "config.json").is_file() and _is_hart(read_json(d / "config.json")):
+        from .conformance_hart import FILES as HART_FILES
+
+        files = HART_FILES
+    for f in files:
         if not (d / f).is_file():
             raise FreqarError(f"fixture file missing: '{d / f}'")
     return compare(d)
