@@ -37,7 +37,7 @@ class GenerationOutput:
     """Images in [0, 1] plus everything bench/conformance need, so they need no hooks of their own."""
 
     images: torch.Tensor
-    labels: torch.Tensor
+    labels: torch.Tensor | None  # None when a prebuilt (e.g. text) condition was given
     tokens: list[torch.Tensor]
     canvas: torch.Tensor
     stage_seconds: list[float]
@@ -98,30 +98,36 @@ def generate(
     callback: Callable[[StageInfo], None] | None = None,
     record_logits: bool = False,
     head: StageHead | None = None,
+    condition: Any = None,
 ) -> GenerationOutput:
     """Generate a batch of images; ``labels`` None draws ``batch`` random labels from ``generator``.
 
     ``head`` defaults to categorical codebook logits (VAR) built from ``guidance`` and ``sampler``;
-    other token kinds pass their own head.
+    other token kinds pass their own head. ``condition``: a prebuilt condition object (anything with
+    ``batch`` and ``guided``, e.g. text features) used instead of ``transformer.condition(labels)``.
     """
     guidance = guidance or Guidance()
     head = head or CategoricalHead(transformer, guidance, sampler or SamplerConfig())
     policy = policy or DensePolicy()
     device = next(transformer.parameters()).device  # type: ignore[attr-defined]
-    if labels is None:
+    if condition is not None:
+        labels = None
+    elif labels is None:
         if batch is None or batch < 1:
             raise InvalidOption(f"batch must be >= 1, got {batch}")
         if num_classes is None:
             raise InvalidOption("num_classes is needed to draw random labels")
         labels = draw_labels(num_classes, batch, generator)
-    labels = labels.to(device)
-    B = labels.shape[0]
+    if labels is not None:
+        labels = labels.to(device)
+    B = labels.shape[0] if labels is not None else int(condition.batch)
     if B < 1:
         raise InvalidOption("batch must be >= 1")
     grids = tokenizer.stage_grids()
     S = len(grids)
-    cond = transformer.condition(labels, guidance.enabled)
-    R = B * (2 if guidance.enabled else 1)
+    doubled = guidance.enabled if condition is None else bool(condition.guided)
+    cond = transformer.condition(labels, doubled) if condition is None else condition
+    R = B * (2 if doubled else 1)
     cache = transformer.new_cache(R, torch.float32, device)
     canvas = tokenizer.init_canvas(B, device)
     pstate = policy.begin(grids, B, transformer.depth, device)
