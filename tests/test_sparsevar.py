@@ -85,7 +85,7 @@ def _synthetic_state(beta: float) -> tuple[SparseVARPolicy, SparseVARState, Sele
     prev[0, :, 0, 2] = torch.tensor([0.0, 1.0, 0.0, 0.0])  # ... but the anchor at (0,2) along e1
     prev[0, :, 1, 3] = torch.tensor([0.0, 1.0, 0.0, 0.0])  # (1,3) is identical to that anchor
     prev[0, :, 3, 3] = torch.tensor([0.0, 0.0, 0.0, 1.0])  # (3,3) is orthogonal to every anchor
-    st.prev_BVhw = prev
+    st.prev_BhwV = prev.permute(0, 2, 3, 1)
     st.computed_Bl = anchors[None].clone()
     st.low_Bl = torch.ones(1, 16, dtype=torch.bool)
     st.anchor_l = anchors
@@ -111,8 +111,8 @@ def test_excluded_token_copies_its_anchor_or_contributes_zero() -> None:
 
 def test_similarity_below_beta_is_zeroed_even_for_close_tokens() -> None:
     pol, st, sel, logits = _synthetic_state(beta=1.0 + 0.0)
-    st.prev_BVhw = st.prev_BVhw + 0.01 * torch.randn(
-        st.prev_BVhw.shape, generator=torch.Generator().manual_seed(0)
+    st.prev_BhwV = st.prev_BhwV + 0.01 * torch.randn(
+        st.prev_BhwV.shape, generator=torch.Generator().manual_seed(0)
     )
     _, keep = pol.fill(1, sel, logits, StepOutput(logits), st)
     assert keep is not None and not bool(keep[0, ~st.anchor_l].any())
@@ -123,7 +123,7 @@ def test_best_anchor_matches_brute_force() -> None:
     g = torch.Generator().manual_seed(0)
     for h, w, a in [(6, 6, 4), (5, 7, 2), (8, 8, 3)]:
         prev = torch.randn(2, 5, h, w, generator=g)
-        sim, pos = best_anchor(prev, a)
+        sim, pos = best_anchor(prev.permute(0, 2, 3, 1), a)
         x = F.normalize(prev, dim=1).flatten(2)  # (B, V, l)
         for b in range(2):
             for i in range(h):

@@ -69,7 +69,7 @@ class FastVARState:
     P: int
     cache_stage: int
     score_Bl: torch.Tensor | None = None
-    cache_BVhw: torch.Tensor | None = None
+    cache_BhwV: torch.Tensor | None = None
     stats: list[dict] = field(default_factory=list)
 
 
@@ -89,7 +89,7 @@ class FastVARPolicy:
 
     def observe_input(self, stage: int, tokens_BlC: torch.Tensor, st: FastVARState) -> None:
         """Pivotal score of every position of a pruned stage: squared distance to the mean token."""
-        if stage >= st.P and st.cache_BVhw is not None:
+        if stage >= st.P and st.cache_BhwV is not None:
             mu = tokens_BlC.mean(dim=1, keepdim=True)
             st.score_Bl = (tokens_BlC - mu).float().square().sum(dim=-1)
 
@@ -109,15 +109,17 @@ class FastVARPolicy:
         h, w = st.grids[stage]
         B = st.batch
         if stage == st.cache_stage:
-            st.cache_BVhw = logits_BnV.transpose(1, 2).reshape(B, -1, h, w).clone()
+            st.cache_BhwV = logits_BnV.reshape(B, h, w, -1).clone()
         if sel.dense:
             if stage >= st.P:
                 st.stats.append(
                     {"stage": stage, "grid": [h, w], "computed": [h * w] * B, "restored": [0] * B}
                 )
             return logits_BnV, None
-        assert st.cache_BVhw is not None and sel.index is not None
-        full = F.interpolate(st.cache_BVhw, size=(h, w), mode="area").flatten(2).transpose(1, 2).contiguous()
+        assert st.cache_BhwV is not None and sel.index is not None
+        # vocabulary-last (channels_last) layout: the area resize reads and writes contiguous rows
+        up = F.interpolate(st.cache_BhwV.permute(0, 3, 1, 2), size=(h, w), mode="area")
+        full = up.permute(0, 2, 3, 1).reshape(B, h * w, -1)
         n = sel.index.shape[1]
         full.scatter_(1, sel.index.unsqueeze(-1).expand(-1, -1, full.shape[-1]), logits_BnV)
         st.stats.append({"stage": stage, "grid": [h, w], "computed": [n] * B, "restored": [h * w - n] * B})

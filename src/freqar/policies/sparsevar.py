@@ -88,7 +88,7 @@ class SparseVARState:
     off: bool
     dF_Bl: torch.Tensor | None = None  # ΔF of the previous stage over its grid
     low_Bl: torch.Tensor | None = None  # low-frequency set of the previous stage
-    prev_BVhw: torch.Tensor | None = None  # previous guided logits resized to the current grid
+    prev_BhwV: torch.Tensor | None = None  # previous guided logits resized to the current grid
     computed_Bl: torch.Tensor | None = None  # this stage's computed positions (set by select)
     anchor_l: torch.Tensor | None = None
     masks: list[torch.Tensor] = field(default_factory=list)  # per stage (B, h, w) uint8 codes
@@ -102,29 +102,30 @@ def anchor_mask(h: int, w: int, alpha: int, device: torch.device | str = "cpu") 
     return (rows[:, None] & cols[None, :]).reshape(h * w)
 
 
-def best_anchor(prev_BVhw: torch.Tensor, alpha: int) -> tuple[torch.Tensor, torch.Tensor]:
+def best_anchor(prev_BhwV: torch.Tensor, alpha: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 3: per position, the best cosine similarity to an anchor of its own or the 8 neighbouring cells.
 
     Batched per cell (positions of a cell × its 9 candidate anchors), so the cost is O(l·9·V), not
-    O(l·anchors·V). Returns (similarity (B, l), that anchor's position (B, l)).
+    O(l·anchors·V); vocabulary-last layout keeps every copy contiguous. Returns (similarity (B, l),
+    that anchor's position (B, l)).
     """
-    B, V, h, w = prev_BVhw.shape
+    B, h, w, V = prev_BhwV.shape
     a = alpha
     nh, nw = math.ceil(h / a), math.ceil(w / a)
-    x = F.normalize(prev_BVhw, dim=1)
-    anchors = F.pad(x[:, :, ::a, ::a], (1, 1, 1, 1))  # (B, V, nh+2, nw+2), zero ring = no anchor
+    x = F.normalize(prev_BhwV, dim=-1)
+    anchors = x.new_zeros(B, nh + 2, nw + 2, V)  # zero ring = no anchor there (masked below anyway)
+    anchors[:, 1:-1, 1:-1] = x[:, ::a, ::a]
     offsets = [(di, dj) for di in (-1, 0, 1) for dj in (-1, 0, 1)]
-    nbr = torch.stack(
-        [anchors[:, :, 1 + di : 1 + di + nh, 1 + dj : 1 + dj + nw] for di, dj in offsets], dim=-1
-    )
-    nbr_NV9 = nbr.permute(0, 2, 3, 1, 4).reshape(B * nh * nw, V, 9)
-    xp = F.pad(x, (0, nw * a - w, 0, nh * a - h))
-    cells_NcV = xp.view(B, V, nh, a, nw, a).permute(0, 2, 4, 3, 5, 1).reshape(B * nh * nw, a * a, V)
-    sim = torch.bmm(cells_NcV, nbr_NV9).view(B, nh, nw, a * a, 9)
-    ci = torch.arange(nh, device=x.device)
-    cj = torch.arange(nw, device=x.device)
-    di = torch.tensor([o[0] for o in offsets], device=x.device)
-    dj = torch.tensor([o[1] for o in offsets], device=x.device)
+    shifted = [anchors[:, 1 + di : 1 + di + nh, 1 + dj : 1 + dj + nw] for di, dj in offsets]
+    nbr_N9V = torch.stack(shifted, dim=3).reshape(B * nh * nw, 9, V)
+    if nh * a != h or nw * a != w:
+        x = F.pad(x, (0, 0, 0, nw * a - w, 0, nh * a - h))
+    cells_NcV = x.reshape(B, nh, a, nw, a, V).permute(0, 1, 3, 2, 4, 5).reshape(B * nh * nw, a * a, V)
+    sim = torch.bmm(cells_NcV, nbr_N9V.transpose(1, 2)).view(B, nh, nw, a * a, 9)
+    dev = x.device
+    ci, cj = torch.arange(nh, device=dev), torch.arange(nw, device=dev)
+    di = torch.tensor([o[0] for o in offsets], device=dev)
+    dj = torch.tensor([o[1] for o in offsets], device=dev)
     ok_r = ((ci[:, None] + di[None]) >= 0) & ((ci[:, None] + di[None]) < nh)  # (nh, 9)
     ok_c = ((cj[:, None] + dj[None]) >= 0) & ((cj[:, None] + dj[None]) < nw)  # (nw, 9)
     ok = (ok_r[:, None, :] & ok_c[None, :, :])[None, :, :, None, :]  # (1, nh, nw, 1, 9)
@@ -134,8 +135,8 @@ def best_anchor(prev_BVhw: torch.Tensor, alpha: int) -> tuple[torch.Tensor, torc
         return t.view(B, nh, nw, a, a).permute(0, 1, 3, 2, 4).reshape(B, nh * a, nw * a)[:, :h, :w]
 
     best_Bhw, j_Bhw = to_grid(best), to_grid(j)
-    r = torch.arange(h, device=x.device)[:, None] // a
-    c = torch.arange(w, device=x.device)[None, :] // a
+    r = torch.arange(h, device=dev)[:, None] // a
+    c = torch.arange(w, device=dev)[None, :] // a
     pos = (r + di[j_Bhw]) * a * w + (c + dj[j_Bhw]) * a
     return best_Bhw.reshape(B, h * w), pos.reshape(B, h * w)
 
@@ -238,20 +239,20 @@ class SparseVARPolicy:
             st.dF_Bl = scatter_rows(dF_Bn, sel, l).squeeze(-1)
             if stage == st.P - 1:
                 st.low_Bl = torch.zeros(B, l, dtype=torch.bool, device=dF_Bn.device)
-            nh, nw = st.grids[stage + 1]
-            prev = full_BlV.transpose(1, 2).reshape(B, -1, h, w)
-            st.prev_BVhw = _resize(prev, (nh, nw))  # a new tensor: the sampler may mask full_BlV in place
-            if st.prev_BVhw is prev:
-                st.prev_BVhw = prev.clone()
+            # vocabulary-last (channels_last) view: the resize then reads and writes contiguous rows
+            prev = full_BlV.reshape(B, h, w, -1).permute(0, 3, 1, 2)
+            resized = _resize(prev, st.grids[stage + 1]).permute(0, 2, 3, 1)
+            # a copy either way: the sampler may mask full_BlV in place
+            st.prev_BhwV = resized.clone() if resized.data_ptr() == full_BlV.data_ptr() else resized
         return full_BlV, keep_Bl
 
     def _fill_excluded(
         self, full_BlV: torch.Tensor, st: SparseVARState
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Eq. 3: excluded tokens copy the most similar anchor's logits, or get a zero residual."""
-        assert st.prev_BVhw is not None and st.computed_Bl is not None and st.anchor_l is not None
+        assert st.prev_BhwV is not None and st.computed_Bl is not None and st.anchor_l is not None
         computed, anchor = st.computed_Bl, st.anchor_l
-        sim, src = best_anchor(st.prev_BVhw, self.cfg.alpha)
+        sim, src = best_anchor(st.prev_BhwV, self.cfg.alpha)
         excluded = ~computed
         copied = excluded & (sim >= self.cfg.beta)
         b, p = copied.nonzero(as_tuple=True)
