@@ -212,7 +212,7 @@ def test_queue_full_is_503_with_retry_after_and_nothing_is_lost():
         return real(*args, **kwargs)
 
     pipe.generate = held  # type: ignore[method-assign]
-    app = create_app({"tiny": pipe}, ServeSettings(concurrency=1, queue=1))
+    app = create_app({"tiny": pipe}, ServeSettings(concurrency=1, queue=1, warmup=False))
     with TestClient(app) as c:
         a = c.post("/api/jobs", json={"seed": 1, "label": 0})
         b = c.post("/api/jobs", json={"seed": 2, "label": 1})

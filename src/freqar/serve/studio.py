@@ -41,6 +41,7 @@ class ServeSettings:
     max_body: int = 16 * 1024  # bytes of a request body
     max_jobs: int = 64  # finished jobs whose pictures are kept for the page
     threads: int | None = None  # torch intra-op threads in each worker (None: torch's default)
+    warmup: bool = True  # one throw-away generation per model at start, so timings are not cold
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -392,6 +393,9 @@ class Studio:
         self.workers = {n: ModelWorker(n, p, self.settings) for n, p in self.models.items()}
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.lock = threading.Lock()
+        if self.settings.warmup:
+            for w in self.workers.values():  # queued first on each worker, ahead of any request
+                w.pool.submit(_warmup, w.pipe)
 
     # ----- public --------------------------------------------------------------------------------------
     def models_info(self) -> list[dict[str, Any]]:
@@ -529,6 +533,15 @@ class Studio:
             policy=policy,
             callback=on_stage,
         )
+
+
+def _warmup(pipe: Pipeline) -> None:
+    """The first generation pays for allocations and lazy init; without this, compare's dense run (which
+    goes first) would look slower than it is and inflate the speed-up."""
+    try:
+        pipe.generate(None, batch=1, seed=0)
+    except Exception:  # a model that cannot generate fails its real requests with a clear message
+        pass
 
 
 def _stage_row(stage: int, grid: Any, seconds: float, tokens: int) -> dict[str, Any]:
