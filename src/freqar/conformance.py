@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .conformance_far import FAR_FILES, compute_far_fixture
 from .engine.generate import generate
 from .engine.guidance import Guidance
 from .engine.sampling import SamplerConfig
@@ -157,7 +158,8 @@ def compare(
         from .conformance_infinity import compute_infinity_fixture
 
         computed = compute_infinity_fixture(d)
-    computed = compute_var_fixture(d) if computed is None else computed
+    if computed is None:
+        computed = compute_far_fixture(d) if _is_far(cfg) else compute_var_fixture(d)
     rows = []
     for name in sorted(expected, key=_order(cfg)):
         exp = expected[name]
@@ -184,9 +186,9 @@ def compare(
     return rows
 
 
-def _is_hart(cfg: object) -> bool:
-    """HART fixtures are recognised by their format tag (``freqar-hart-fixture/N``)."""
-    return isinstance(cfg, dict) and str(cfg.get("format", "")).startswith("freqar-hart-fixture/")
+def _is_far(cfg: object) -> bool:
+    """FAR fixtures are recognised by their format tag (``freqar-far-fixture/N``)."""
+    return isinstance(cfg, dict) and str(cfg.get("format", "")).startswith("freqar-far-fixture/")
 
 
 def _is_infinity(cfg: object) -> bool:
@@ -203,6 +205,11 @@ def _int_tolerance(cfg: dict, name: str) -> float:
     return 0.0
 
 
+def _is_hart(cfg: object) -> bool:
+    """HART fixtures are recognised by their format tag (``freqar-hart-fixture/N``)."""
+    return isinstance(cfg, dict) and str(cfg.get("format", "")).startswith("freqar-hart-fixture/")
+
+
 def _order(cfg: dict):
     listed = list(cfg.get("tensors", {}))
     return lambda n: (listed.index(n) if n in listed else len(listed), n)
@@ -211,7 +218,9 @@ def _order(cfg: dict):
 def run(fixture_dir: str | os.PathLike[str]) -> list[Row]:
     """Validate the fixture folder, then compare; raises FreqarError for missing files."""
     d = Path(fixture_dir)
-    files: tuple[str, ...] = ("config.json", "vae.pth", "var.pth", "expected.safetensors")
+    files = ("config.json", "vae.pth", "var.pth", "expected.safetensors")
+    if (d / "config.json").is_file() and _is_far(read_json(d / "config.json")):
+        files = FAR_FILES
     if (d / "config.json").is_file() and _is_hart(read_json(d / "config.json")):
         from .conformance_hart import FILES as HART_FILES
 

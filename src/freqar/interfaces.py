@@ -81,17 +81,21 @@ class Tokenizer(Protocol):
 
 
 class Transformer(Protocol):
-    """A next-scale backbone: conditioning, stage inputs at explicit positions, cached steps and a head."""
+    """A stage-wise backbone: conditioning, stage inputs at explicit positions, steps and a head.
+
+    ``new_cache`` may return None for a backbone without a KV cache (FAR recomputes each level in full);
+    the engine then passes None to ``step``. ``logits`` is only needed by logit heads.
+    """
 
     depth: int
 
     def condition(self, labels_B: torch.Tensor, guided: bool) -> Any: ...
-    def new_cache(self, rows: int, dtype: torch.dtype, device: torch.device | str) -> KVCache: ...
+    def new_cache(self, rows: int, dtype: torch.dtype, device: torch.device | str) -> KVCache | None: ...
     def stage_input(
         self, cond: Any, tokens_BnCv: torch.Tensor | None, positions_Bn: torch.Tensor | None, stage: int
     ) -> torch.Tensor: ...
     def step(
-        self, x_RnC: torch.Tensor, cond: Any, cache: KVCache, taps: tuple[int, ...] = ()
+        self, x_RnC: torch.Tensor, cond: Any, cache: KVCache | None, taps: tuple[int, ...] = ()
     ) -> StepOutput: ...
     def logits(self, hidden_RnC: torch.Tensor, cond: Any) -> torch.Tensor: ...
 

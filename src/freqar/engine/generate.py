@@ -143,9 +143,11 @@ def generate(
         if stage_tok is not None and sel.index is not None:
             stage_tok = stage_tok.gather(1, sel.index.unsqueeze(-1).expand(-1, -1, stage_tok.shape[-1]))
         x = transformer.stage_input(cond, stage_tok, sel.index, k)
-        cache.begin_stage(x.shape[1], None if sel.valid is None else sel.valid.repeat(R // B, 1))
+        if cache is not None:  # None: a backbone that recomputes every stage in full (FAR)
+            cache.begin_stage(x.shape[1], None if sel.valid is None else sel.valid.repeat(R // B, 1))
         out = transformer.step(x, cond, cache, sel.taps)
-        cache.end_stage()
+        if cache is not None:
+            cache.end_stage()
         guided = head.guide(head.predict(out.hidden, cond), B, k, S)
         full, keep_Bl = policy.fill(k, sel, guided, out, pstate)
         if record_logits:
