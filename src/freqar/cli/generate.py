@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from ..errors import InvalidOption
 from ..imageio import check_writable, make_grid, save_png
+from ..models.infinity_pipeline import is_infinity_model
 from ..policies import make_policy
 from ..policies.sparsevar import mask_picture
 from .common import add_model_args, float_list, int_list, load_model
@@ -40,6 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nrow", type=int, default=None, help="images per grid row")
     p.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    t = p.add_argument_group("text-to-image models (HART)")
+    t.add_argument("--prompt", action="append", help="text prompt; repeat for a batch")
+    t.add_argument("--weights", help="released checkpoint folder (HART: with llm/ and tokenizer/)")
+    t.add_argument("--text-encoder", help="local text-encoder folder (HART: a Qwen2 copy)")
+    t.add_argument("--h-div-w", type=float, help="Infinity: height/width, nearest template (1.0)")
+    t.add_argument("--resolution", help="Infinity: 0.06M, 0.25M, 0.60M or 1M (default 1M)")
     a = p.add_argument_group("acceleration (token policies)")
     a.add_argument(
         "--accel",
@@ -94,6 +101,12 @@ def run(args: argparse.Namespace) -> int:
     out = check_writable(args.out)
     masks_out = check_writable(args.save_masks) if args.save_masks else None
     policy = build_policy(args)
+    if is_infinity_model(args.model):
+        from .infinity_generate import run_infinity
+
+        return run_infinity(args, policy, out)
+    if args.h_div_w is not None or args.resolution is not None:
+        raise InvalidOption("--h-div-w and --resolution apply to Infinity models only")
     pipe = load_model(args)
     labels = int_list(args.labels, "--labels") if args.labels else None
     if labels is not None:

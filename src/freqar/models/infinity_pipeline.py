@@ -1,0 +1,291 @@
+"""Infinity presets and the text-to-image pipeline: prompts (or text features) -> images, shared engine.
+
+A preset fixes the architecture; the scale schedule is chosen per call from an aspect template (15 h/w
+ratios) and a resolution preset (0.06M/0.25M/0.60M/1M), so one set of weights serves every image shape.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..engine.generate import GenerationOutput, generate
+from ..engine.heads import BitwiseHead
+from ..errors import InvalidOption, UnknownModel, WeightsNotFound
+from ..interfaces import TokenPolicy
+from ..io import load_torch_file
+from ..tokenizers.bsq import BSQVAE, BSQConfig
+from .infinity import RESOLUTIONS, Infinity, InfinityConfig, schedule_for
+
+
+@dataclass(frozen=True)
+class InfinityDefaults:
+    """Upstream's 2B inference settings (infer.sh + notebook): cfg 3, tau 0.5, top-k 900, top-p 0.97."""
+
+    cfg: float = 3.0
+    tau: float = 0.5
+    top_k: int = 900
+    top_p: float = 0.97
+    h_div_w: float = 1.0
+    resolution: str = "1M"
+
+
+@dataclass(frozen=True)
+class InfinitySpec:
+    name: str
+    description: str
+    vae: BSQConfig
+    transformer: InfinityConfig
+    defaults: InfinityDefaults = field(default_factory=InfinityDefaults)
+    hub_repo: str | None = None
+    files: dict[str, str] = field(default_factory=dict)  # role ("vae", "transformer") -> hub file name
+    text_encoder: str | None = None  # hub id of the text encoder (the user passes a local copy)
+    spatial_patchify: bool = False
+
+    @property
+    def image_size(self) -> int:
+        """Side of the default (1:1, 1M) image."""
+        grids, _ = schedule_for(self.defaults.h_div_w, self.defaults.resolution)
+        return grids[-1][0] * self.vae.patch_size
+
+
+def infinity_presets() -> dict[str, Callable[[], InfinitySpec]]:
+    """Registered Infinity presets."""
+
+    def b2() -> InfinitySpec:
+        return InfinitySpec(
+            "infinity-2b",
+            "Infinity-2B text-to-image (bitwise, d=32), 15 h/w templates, 0.06M-1M (1024px at 1:1)",
+            BSQConfig(),
+            InfinityConfig(),
+            hub_repo="FoundationVision/Infinity",
+            files={"vae": "infinity_vae_d32reg.pth", "transformer": "infinity_2b_reg.pth"},
+            text_encoder="google/flan-t5-xl",
+        )
+
+    def b8() -> InfinitySpec:
+        return InfinitySpec(
+            "infinity-8b",
+            "Infinity-8B text-to-image (d=14 VAE, 2x2 spatial patchify: architecture only, not runnable yet)",
+            BSQConfig(
+                codebook_dim=14, encoder_ch_mult=(1, 2, 4, 4), decoder_ch_mult=(1, 2, 4, 4), patch_size=8
+            ),
+            InfinityConfig(depth=40, embed_dim=3584, num_heads=28, codebook_dim=56),
+            hub_repo="FoundationVision/Infinity",
+            files={"vae": "infinity_vae_d56_f8_14_patchify.pth", "transformer": "infinity_8b_weights/"},
+            text_encoder="google/flan-t5-xl",
+            spatial_patchify=True,
+        )
+
+    def tiny() -> InfinitySpec:
+        return InfinitySpec(
+            "infinity-tiny",
+            "tiny random-weight Infinity (d=8, 4 blocks of 64, 128-d text) for tests: pictures are noise",
+            BSQConfig(codebook_dim=8, base_ch=24, encoder_ch_mult=(1, 2, 1), decoder_ch_mult=(1, 2, 1),
+                      num_res_blocks=1, patch_size=4),
+            InfinityConfig(depth=4, embed_dim=64, num_heads=4, block_chunks=2, text_channels=128,
+                           text_maxlen=16, codebook_dim=8),
+            defaults=InfinityDefaults(resolution="0.06M"),
+        )  # fmt: skip
+
+    return {"infinity-2b": b2, "infinity-8b": b8, "infinity-tiny": tiny}
+
+
+def is_infinity_model(name: str) -> bool:
+    return name in infinity_presets()
+
+
+def get_infinity_spec(name: str) -> InfinitySpec:
+    reg = infinity_presets()
+    if name not in reg:
+        raise UnknownModel(f"unknown Infinity model '{name}' (choose from: {', '.join(sorted(reg))})")
+    return reg[name]()
+
+
+def _per_stage(value: float | Sequence[float], S: int, what: str) -> list[float]:
+    if isinstance(value, (int, float)):
+        return [float(value)] * S
+    vals = [float(v) for v in value]
+    if len(vals) == 1:
+        return vals * S
+    if len(vals) < S:
+        raise InvalidOption(f"{what} list has {len(vals)} values for {S} scales")
+    return vals[:S]
+
+
+@dataclass
+class InfinityPipeline:
+    """Infinity weights + BSQ VAE + (optional) text encoder; ``generate`` picks the schedule per call."""
+
+    name: str
+    model: Infinity
+    vae: BSQVAE
+    defaults: InfinityDefaults = field(default_factory=InfinityDefaults)
+    text_encoder: Any = None
+    family: str = "infinity"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: str | torch.device) -> InfinityPipeline:
+        self.model.to(device)
+        self.vae.to(device)
+        return self
+
+    def eval(self) -> InfinityPipeline:
+        self.model.eval()
+        self.vae.eval()
+        return self
+
+    def schedule(
+        self, h_div_w: float | None = None, resolution: str | None = None
+    ) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+        """(scale schedule, RoPE reference grid) for a ratio (nearest template) and resolution preset."""
+        d = self.defaults
+        return schedule_for(d.h_div_w if h_div_w is None else h_div_w, resolution or d.resolution)
+
+    def image_size(self, h_div_w: float | None = None, resolution: str | None = None) -> tuple[int, int]:
+        """(height, width) in pixels."""
+        grids, _ = self.schedule(h_div_w, resolution)
+        p = self.vae.cfg.patch_size
+        return grids[-1][0] * p, grids[-1][1] * p
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.text_encoder is None:
+            raise InvalidOption("prompts need a text encoder (a local T5 folder); or pass text features")
+        feats, lens = self.text_encoder.encode(prompts)
+        if feats.shape[-1] != self.model.cfg.text_channels:
+            raise InvalidOption(
+                f"text encoder gives {feats.shape[-1]}-d features, model '{self.name}' expects "
+                f"{self.model.cfg.text_channels}"
+            )
+        return feats, lens
+
+    def generate(
+        self,
+        prompts: list[str] | None = None,
+        *,
+        text: tuple[torch.Tensor, torch.Tensor] | None = None,
+        negative: tuple[torch.Tensor, torch.Tensor] | None = None,
+        h_div_w: float | None = None,
+        resolution: str | None = None,
+        seed: int | None = 0,
+        cfg: float | Sequence[float] | None = None,
+        tau: float | Sequence[float] | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        cfg_insertion_layer: Sequence[int] = (0,),
+        policy: TokenPolicy | None = None,
+        callback: Any = None,
+        record_logits: bool = False,
+    ) -> GenerationOutput:
+        """Images for ``prompts`` (or precomputed ``text`` = (features (B,T,C), lens (B,))).
+
+        ``cfg``/``tau``: one value or one per scale (upstream's lists); cfg 1 = no guidance.
+        ``cfg_insertion_layer``: 0 = CFG on logits, -k = on the output of block depth-k.
+        """
+        if (prompts is None) == (text is None):
+            raise InvalidOption("give either prompts or text features")
+        if prompts is not None:
+            text = self.encode(list(prompts))
+        assert text is not None
+        grids, ref = self.schedule(h_div_w, resolution)
+        S = len(grids)
+        d = self.defaults
+        cfg_l = _per_stage(d.cfg if cfg is None else cfg, S, "cfg")
+        tau_l = _per_stage(d.tau if tau is None else tau, S, "tau")
+        layers = [int(i) for i in cfg_insertion_layer]
+        depth = self.model.cfg.depth
+        if any(i > 0 or i < -depth for i in layers):
+            raise InvalidOption(f"cfg insertion layers must be 0 (logits) or in [-{depth}, -1], got {layers}")
+        run = self.model.bind(grids, ref)
+        cond = self.model.condition_text(
+            text[0],
+            text[1],
+            guided=any(c != 1 for c in cfg_l),
+            cfg=tuple(cfg_l),
+            cfg_layers=tuple(depth + i for i in layers if i < 0),
+            negative=negative,
+        )
+        head = BitwiseHead(
+            run,
+            cfg_l,
+            tau_l,
+            top_k=d.top_k if top_k is None else top_k,
+            top_p=d.top_p if top_p is None else top_p,
+            cfg_on_logits=0 in layers,
+        )
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+        return generate(
+            run,
+            self.vae.stages(grids),
+            condition=cond,
+            head=head,
+            policy=policy,
+            generator=gen,
+            callback=callback,
+            record_logits=record_logits,
+        )
+
+
+def build_infinity_pipeline(spec: InfinitySpec, *, init_seed: int | None = 0) -> InfinityPipeline:
+    """Random-weight modules for a preset (``init_seed``: reproducible, global RNG untouched)."""
+    if spec.transformer.codebook_dim != spec.vae.codebook_dim and not spec.spatial_patchify:
+        raise InvalidOption("transformer codebook_dim must match the VAE's")
+    with torch.random.fork_rng(devices=[]):
+        if init_seed is not None:
+            torch.manual_seed(init_seed)
+        vae = BSQVAE(spec.vae)
+        model = Infinity(spec.transformer)
+    return InfinityPipeline(spec.name, model, vae, spec.defaults).eval()
+
+
+def load_infinity(
+    name: str,
+    *,
+    transformer: str | os.PathLike[str] | None = None,
+    vae: str | os.PathLike[str] | None = None,
+    text_encoder: Any = None,
+    device: str = "cpu",
+) -> InfinityPipeline:
+    """A preset with the released weights (``infinity_2b_reg.pth`` + ``infinity_vae_d32reg.pth``).
+
+    The tiny preset runs with random weights when no path is given; real presets need both files.
+    """
+    spec = get_infinity_spec(name)
+    if spec.spatial_patchify:
+        raise InvalidOption(f"model '{name}' needs 2x2 spatial patchify, which freqar does not implement yet")
+    if name != "infinity-tiny":
+        for role, path in (("transformer", transformer), ("vae", vae)):
+            if path is None:
+                flag = "--weights" if role == "transformer" else "--vae"
+                raise WeightsNotFound(
+                    f"model '{name}' needs {flag} PATH (official {spec.files[role]} from {spec.hub_repo})"
+                )
+    pipe = build_infinity_pipeline(spec, init_seed=0 if transformer is None else None)
+    if vae is not None:
+        pipe.vae.load_official(load_torch_file(vae, key="vae"), str(vae))
+    if transformer is not None:
+        pipe.model.load_official(load_torch_file(transformer), str(transformer))
+    pipe.text_encoder = text_encoder
+    return pipe.eval().to(device)
+
+
+__all__ = [
+    "RESOLUTIONS",
+    "InfinityDefaults",
+    "InfinityPipeline",
+    "InfinitySpec",
+    "build_infinity_pipeline",
+    "get_infinity_spec",
+    "infinity_presets",
+    "is_infinity_model",
+    "load_infinity",
+]
