@@ -184,3 +184,77 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
 def test_cli_conformance_on_hart_fixture(capsys):
     assert main(["conformance", str(HART_TINY)]) == 0
     assert "37/37 tensors ok" in capsys.readouterr().out
+
+
+def _tiny_qwen(tmp_path: Path) -> Path:
+    """A 1-layer width-32 Qwen2 with a character-level Qwen2 tokenizer, saved locally (no download)."""
+    transformers = pytest.importorskip("transformers")
+    chars = [chr(c) for c in range(33, 127)] + ["\u0120"]  # byte-level BPE spells a space as U+0120
+    vocab = {"<pad>": 0, "<|endoftext|>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    fast = transformers.Qwen2Tokenizer(vocab=vocab, merges=[], pad_token="<pad>")
+    cfg = transformers.Qwen2Config(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    model = transformers.Qwen2Model(cfg)
+    d = tmp_path / "qwen"
+    model.save_pretrained(d)
+    fast.save_pretrained(d)
+    return d
+
+
+def test_qwen_text_encoder_from_local_dir(tmp_path):
+    from freqar.models.hart_text import QwenTextEncoder
+
+    d = _tiny_qwen(tmp_path)
+    enc = QwenTextEncoder(d, max_tokens=16)
+    both = enc.encode(["a cat", "dog"])  # one token per character (spaces included)
+    assert both.features.shape == (2, 16, 32) and both.features.dtype == torch.float32
+    assert both.mask.sum(1).tolist() == [5, 3]
+    assert both.position_ids[1].tolist() == [0, 1, 2] + [2] * 13
+    alone = enc.encode(["dog"])
+    assert torch.allclose(alone.features[0, :3], both.features[1, :3], atol=1e-5)
+    with pytest.warns(UserWarning, match="truncated"):
+        enc.encode(["a" * 20])
+    pipe = tiny_hart()
+    pipe.text_encoder = enc
+    res = pipe.generate(["a cat on the mat"], seed=0, cfg=3.0)
+    assert res.images.shape == (1, 3, 32, 32)
+
+
+def test_cli_generate_hart_tiny_with_prompt(tmp_path, capsys):
+    d = _tiny_qwen(tmp_path)
+    out = tmp_path / "h.png"
+    args = ["generate", "--model", "hart-tiny", "--text-encoder", str(d), "--prompt", "a cat", "--quiet"]
+    assert main([*args, "--prompt", "red dog", "--out", str(out)]) == 0
+    assert out.is_file() and "2 prompt(s)" in capsys.readouterr().out
+    assert main(["generate", "--model", "hart-tiny", "--prompt", "a cat", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("freqar: error:") and "--text-encoder" in err and "\n" not in err
+    assert main(["generate", "--model", "hart-0.7b", "--weights", str(tmp_path), "--out", str(out)]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_sparsevar_on_hart_disabled_is_dense_and_options_run():
+    from freqar.models.hart import EXCLUDED_OPTIONS
+    from freqar.policies import make_policy
+
+    pipe = tiny_hart()
+    text = text_batch(pipe, [16, 6])
+    dense = pipe.generate(text=text, seed=5, cfg=3.0)
+    off = pipe.generate(text=text, seed=5, cfg=3.0, policy=make_policy("sparsevar", tau=0.0))
+    assert torch.equal(dense.images, off.images)
+    outs = {}
+    for opt in EXCLUDED_OPTIONS:
+        half = make_policy("sparsevar", keep=0.5)
+        res = pipe.generate(text=text, seed=5, cfg=3.0, policy=half, excluded=opt)
+        assert sum(res.tokens_computed[-1]) < 2 * 64  # the last scale really was sparse
+        assert torch.isfinite(res.images).all()
+        outs[opt] = res.canvas
+    assert not torch.equal(outs["skip"], outs["cond"]) and not torch.equal(outs["skip"], outs["anchor"])

@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from ..errors import InvalidOption
 from ..imageio import check_writable, make_grid, save_png
+from ..models.hart_pipeline import is_hart_model
 from ..models.infinity_pipeline import is_infinity_model
 from ..policies import make_policy
 from ..policies.sparsevar import mask_picture
@@ -101,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
     out = check_writable(args.out)
     masks_out = check_writable(args.save_masks) if args.save_masks else None
     policy = build_policy(args)
+    if is_hart_model(args.model):
+        from .hart_generate import run_hart
+
+        return run_hart(args, policy, out)
     if is_infinity_model(args.model):
         from .infinity_generate import run_infinity
 

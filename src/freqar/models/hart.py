@@ -344,6 +344,7 @@ class HARTCondition:
     mods: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
     stage: int = 0
+    positions: torch.Tensor | None = None  # (B, n) grid positions run at ``stage`` (None = all)
 
 
 def pool_context(ctx_RTC: torch.Tensor, mask_RT: torch.Tensor, mode: str) -> torch.Tensor:
@@ -474,6 +475,7 @@ class HARTTransformer(nn.Module):
     ) -> torch.Tensor:
         """Input rows (R, n, C); stage 0 is the whole text prefix (its last position predicts scale 0)."""
         cond.stage = stage
+        cond.positions = positions_Bn
         cond.rope = self.stage_rope(cond, stage, positions_Bn)
         if stage == 0:
             return cond.ctx_RTC + self.lvl_embed.weight[0]
@@ -579,12 +581,34 @@ def hart_top_k(stage: int) -> int:
     return 600 if stage < 7 else 300
 
 
+EXCLUDED_OPTIONS = ("skip", "anchor", "cond")
+"""What the last-scale residual does for tokens a token policy did not compute (they have no hidden state):
+``skip`` no residual (their code only); ``anchor`` they take the code and residual of the nearest computed
+token; ``cond`` the per-token head runs for them on the nearest computed token's hidden state (own code)."""
+
+
+def nearest_computed(positions_Bn: torch.Tensor, side: int) -> torch.Tensor:
+    """For each position of a side x side grid, the column (0..n-1) of the nearest computed one (B, l)."""
+    ar = torch.arange(side * side, device=positions_Bn.device)
+    gy, gx = (ar // side).float(), (ar % side).float()
+    py, px = (positions_Bn // side).float(), (positions_Bn % side).float()
+    d = (gy[None, :, None] - py[:, None, :]).square() + (gx[None, :, None] - px[:, None, :]).square()
+    return d.argmin(dim=2)
+
+
 @dataclass(frozen=True)
 class ResidualConfig:
     """The last-scale residual diffusion: on/off (upstream ``final_stage``) and its temperature."""
 
     enabled: bool = True
     temperature: float = 1.0
+    excluded: str = "skip"
+
+    def __post_init__(self) -> None:
+        if self.excluded not in EXCLUDED_OPTIONS:
+            raise InvalidOption(
+                f"unknown excluded-token option {self.excluded!r} ({', '.join(EXCLUDED_OPTIONS)})"
+            )
 
 
 class HARTHead:
@@ -643,17 +667,32 @@ class HARTHead:
         idx, soft = sample_categorical(full, sampler, generator, ratio)
         values = None
         if stage == num_stages - 1 and self.residual.enabled:
-            values = self.last_scale_residual(idx, stage, num_stages)
+            values, remap = self.last_scale_residual(idx, stage, num_stages)
+            if remap is not None:  # "anchor": excluded tokens take the nearest computed token's code
+                idx = idx.gather(1, remap)
+                if soft is not None:
+                    soft = soft.gather(1, remap[..., None].expand(-1, -1, soft.shape[-1]))
         return StageSample(idx=idx, soft=soft, values=values)
 
-    def last_scale_residual(self, idx_Bl: torch.Tensor, stage: int, num_stages: int) -> torch.Tensor:
-        """Continuous residual (B, l, Cvae) of every last-scale token, already times ``vae_scale``."""
+    def last_scale_residual(
+        self, idx_Bl: torch.Tensor, stage: int, num_stages: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Residual (B, l, Cvae) of every last-scale token (times ``vae_scale``) and, for the "anchor" option,
+        the position each token's code is copied from (None = its own)."""
         assert self._hidden is not None and self._cond is not None
         hidden = self._hidden
-        if hidden.shape[1] != idx_Bl.shape[1]:
-            raise InvalidOption(
-                "the residual diffusion head needs the hidden state of every last-scale token"
-            )
+        B, l = idx_Bl.shape
+        pos = self._cond.positions
+        src = None
+        if hidden.shape[1] != l:  # a token policy computed a subset: see EXCLUDED_OPTIONS
+            assert pos is not None
+            src = nearest_computed(pos, self.transformer.patch_nums[-1])  # (B, l) nearest computed column
+            R = hidden.shape[0]
+            if self.residual.excluded == "cond":
+                hidden = hidden.gather(1, src.repeat(R // B, 1)[..., None].expand(-1, -1, hidden.shape[-1]))
+                src = None
+            else:
+                idx_Bl = idx_Bl.gather(1, pos)
         z = self.transformer.diffusion_condition(hidden, idx_Bl, self.codebook)
         z = z.reshape(-1, z.shape[-1])
         t = self.guidance.scale(stage, num_stages) if self._cond.guided else 0.0
@@ -666,12 +705,20 @@ class HARTHead:
             temperature=self.residual.temperature,
             generator=self.diffusion_generator,
         )
-        B, l = idx_Bl.shape
-        out = res[: B * l].view(B, l, -1) * self.transformer.cfg.vae_scale
+        n = idx_Bl.shape[1]
+        out = res[: B * n].view(B, n, -1) * self.transformer.cfg.vae_scale
+        remap = None
+        if src is not None and pos is not None:
+            if self.residual.excluded == "anchor":
+                out = out.gather(1, src[..., None].expand(-1, -1, out.shape[-1]))
+                remap = pos.gather(1, src)
+            else:  # skip: residual only where the token was computed
+                full = out.new_zeros(B, l, out.shape[-1])
+                out = full.scatter(1, pos[..., None].expand(-1, -1, out.shape[-1]), out)
         if self.records is not None:
             self.records["diff_cond"] = z
             self.records["diff_residual"] = out
-        return out
+        return out, remap
 
 
 def sample_residual(

@@ -143,6 +143,7 @@ class HARTPipeline:
         top_p: float | None = None,
         smooth: bool | None = None,
         residual: bool = True,
+        excluded: str = "skip",
         policy: TokenPolicy | None = None,
         callback: Callable[[StageInfo], None] | None = None,
         record_logits: bool = False,
@@ -150,8 +151,9 @@ class HARTPipeline:
     ) -> GenerationOutput:
         """Images for ``prompts`` (needs a text encoder) or precomputed ``text`` features.
 
-        ``seed`` seeds two generators as upstream has two streams: the categorical draws (seed) and the
-        residual diffusion noise (seed + 1).
+        ``excluded`` (skip, anchor, cond): the last-scale residual of tokens a policy skipped (see
+        ``models.hart.EXCLUDED_OPTIONS``). ``seed`` seeds two generators, as upstream has two streams:
+        the categorical draws (seed) and the residual diffusion noise (seed + 1).
         """
         d = self.defaults
         if text is None:
@@ -173,7 +175,7 @@ class HARTPipeline:
         kw: dict[str, Any] = dict(
             top_p=top_p,
             smooth=d.smooth if smooth is None else smooth,
-            residual=ResidualConfig(enabled=residual),
+            residual=ResidualConfig(enabled=residual, excluded=excluded),
             diffusion_generator=dgen,
         )
         head = (head_factory or HARTHead)(self.transformer, self.tokenizer.quantize.embedding, guidance, **kw)
