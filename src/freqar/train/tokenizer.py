@@ -1,0 +1,208 @@
+"""Training the multi-scale VQ tokenizer: reconstruction + VQ losses, codebook usage and dead-code restarts.
+
+The VQ forward mirrors ``MultiScaleQuantizer.encode`` but keeps gradients: per scale the running ``f_hat``
+is pulled towards the (frozen) latent (codebook term) and the latent towards ``f_hat`` (commitment term,
+weight beta), and the decoder sees ``f_hat`` through a straight-through estimator.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CheckpointMismatch
+from ..io import load_safetensors, load_state_dict_strict, read_json, save_safetensors, write_json
+from ..tokenizers.msvq import VQVAE, MSVQConfig
+from .config import TokenizerTrainConfig, to_dict
+from .data import ImageSet, batch_indices, step_generator, to_unit
+from .dist import DistContext, all_reduce_sum, broadcast
+
+TOKENIZER_FORMAT = "freqar-tokenizer/1"
+
+
+def msvq_config(cfg: TokenizerTrainConfig) -> MSVQConfig:
+    m = cfg.model
+    return MSVQConfig(
+        vocab_size=m.vocab_size,
+        z_channels=m.z_channels,
+        ch=m.ch,
+        ch_mult=tuple(m.ch_mult),
+        num_res_blocks=m.num_res_blocks,
+        beta=m.beta,
+        quant_resi=m.quant_resi,
+        share_quant_resi=m.share_quant_resi,
+        patch_nums=tuple(m.patch_nums),
+        using_sa=m.using_sa,
+        using_mid_sa=m.using_mid_sa,
+        groupnorm_groups=m.groupnorm_groups,
+    )
+
+
+class VQTrainModule(nn.Module):
+    """Wraps a VQVAE with the training forward (DDP wraps this module)."""
+
+    def __init__(self, vae: VQVAE) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """Image in [-1,1] -> (reconstruction, VQ loss, code ids per scale, sampled latents (n, C))."""
+        vae, q = self.vae, self.vae.quantize
+        f = vae.encode_latent(x)
+        B, C, H, W = f.shape
+        f_ng = f.detach()
+        f_rest = f_ng.clone()
+        f_hat = torch.zeros_like(f_ng)
+        vq_loss = f.new_zeros(())
+        codes, zs = [], []
+        S = len(q.patch_nums)
+        for si, pn in enumerate(q.patch_nums):
+            z = F.interpolate(f_rest, size=(pn, pn), mode="area") if si != S - 1 else f_rest
+            z_NC = z.permute(0, 2, 3, 1).reshape(-1, C)
+            idx_Bl = q.nearest_code(z_NC).view(B, pn * pn)
+            h = q.residual(q.codes_to_map(idx_Bl, pn), si)
+            f_hat = f_hat + h
+            f_rest = f_rest - h.detach()
+            vq_loss = vq_loss + vae.cfg.beta * F.mse_loss(f_hat.detach(), f) + F.mse_loss(f_hat, f_ng)
+            codes.append(idx_Bl)
+            zs.append(z_NC)
+        vq_loss = vq_loss / S
+        f_st = (f_hat.detach() - f_ng) + f  # straight-through: decoder sees f_hat, gradient reaches f
+        rec = vae.decoder(vae.post_quant_conv(f_st))
+        return rec, vq_loss, codes, torch.cat(zs)
+
+
+class TokenizerTask:
+    """Loss, usage tracking and dead-code restarts for ``freqar train tokenizer``."""
+
+    name = "tokenizer"
+
+    def __init__(self, cfg: TokenizerTrainConfig, data: ImageSet, ctx: DistContext) -> None:
+        self.cfg, self.data, self.ctx = cfg, data, ctx
+        self.vae_cfg = msvq_config(cfg)
+        expect = self.vae_cfg.patch_nums[-1] * self.vae_cfg.downsample
+        if data.size != expect:
+            raise CheckpointMismatch(
+                f"images are {data.size} px but this tokenizer needs {expect} px (last scale "
+                f"{self.vae_cfg.patch_nums[-1]} x downsampling {self.vae_cfg.downsample}); "
+                f"set data.size={expect} or change model.ch_mult / model.patch_nums"
+            )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.run.seed)
+            self.module = VQTrainModule(VQVAE(self.vae_cfg))
+        V = self.vae_cfg.vocab_size
+        self.usage = torch.full((V,), cfg.loss.restart_threshold * 4)  # EMA hits per step, all processes
+        self.last_counts = torch.zeros(V)
+        self.pool: torch.Tensor | None = None
+        self.restarted = 0
+
+    def compute_loss(self, model: nn.Module, step: int) -> tuple[torch.Tensor, dict[str, float], int]:
+        c, dev = self.cfg, self.ctx.device
+        idx = batch_indices(len(self.data), c.run.batch_size, step, c.run.seed, self.ctx.rank, self.ctx.world)
+        x = to_unit(self.data.images[idx])
+        if c.data.hflip:
+            g = step_generator(c.run.seed, step, self.ctx.rank)
+            flip = torch.rand(x.shape[0], generator=g) < 0.5
+            x[flip] = x[flip].flip(-1)
+        x = x.to(dev)
+        rec, vq, codes, zs = model(x)
+        mse = F.mse_loss(rec, x)
+        recon = mse + c.loss.l1_weight * F.l1_loss(rec, x)
+        loss = recon + c.loss.vq_weight * vq
+        with torch.no_grad():
+            counts = torch.bincount(
+                torch.cat([k.flatten() for k in codes]).cpu(), minlength=self.usage.numel()
+            )
+            counts = all_reduce_sum(counts.float().to(dev), self.ctx).cpu()
+            d = c.loss.usage_decay
+            self.usage.mul_(d).add_(counts, alpha=1 - d)
+            self.last_counts = counts
+            keep = min(zs.shape[0], 4096)
+            sel = torch.randperm(zs.shape[0], generator=step_generator(c.run.seed, step, self.ctx.rank, 3))[
+                :keep
+            ]
+            self.pool = zs.detach()[sel.to(zs.device)]
+        psnr = -10 * torch.log10(mse.detach() / 4 + 1e-12)  # images span [-1, 1]: peak-to-peak 2
+        return loss, {"psnr": psnr.item(), "vq": vq.item(), "used": self.active_fraction()}, x.shape[0]
+
+    def active_fraction(self) -> float:
+        return (self.usage >= self.cfg.loss.restart_threshold).float().mean().item()
+
+    def perplexity(self) -> float:
+        p = self.last_counts / self.last_counts.sum().clamp_min(1)
+        return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()).item()
+
+    @torch.no_grad()
+    def after_step(self, step: int, loop: Any) -> dict[str, float]:
+        """Every ``restart_every`` steps, move dead codes onto latents seen in this batch (rank 0 picks)."""
+        lc = self.cfg.loss
+        if lc.restart_every <= 0 or (step + 1) % lc.restart_every or self.pool is None:
+            return {}
+        dead = (self.usage < lc.restart_threshold).nonzero().flatten()
+        if dead.numel() == 0:
+            return {}
+        emb = loop.model.vae.quantize.embedding.weight
+        if self.ctx.is_main:
+            g = step_generator(self.cfg.run.seed, step, 0, 7)
+            pick = torch.randint(0, self.pool.shape[0], (dead.numel(),), generator=g)
+            new = self.pool[pick.to(self.pool.device)]
+            new = new + 0.01 * new.std() * torch.randn(new.shape, generator=g).to(new.device)
+            emb.data[dead.to(emb.device)] = new
+        broadcast(emb.data, self.ctx)
+        loop.ema.vae.quantize.embedding.weight.data.copy_(emb.data)
+        st = loop.optimizer.state.get(emb, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in st:
+                st[key][dead.to(st[key].device)] = 0
+        self.usage[dead] = lc.restart_threshold * 4
+        self.restarted += int(dead.numel())
+        return {"restarted": float(dead.numel())}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"usage": self.usage, "last_counts": self.last_counts, "restarted": self.restarted}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "usage" in state:
+            self.usage = state["usage"].cpu().clone()
+            self.last_counts = state["last_counts"].cpu().clone()
+            self.restarted = int(state.get("restarted", 0))
+
+    def export(self, ema: nn.Module, run_dir: Path) -> Path:
+        """Write ``run_dir/tokenizer/{config.json, model.safetensors}`` from the EMA weights."""
+        out = run_dir / "tokenizer"
+        out.mkdir(parents=True, exist_ok=True)
+        save_tokenizer(
+            ema.vae,
+            out,
+            extra={
+                "codebook_used": self.active_fraction(),
+                "codebook_perplexity": self.perplexity(),
+                "dead_code_restarts": self.restarted,
+                "train_config": to_dict(self.cfg),
+            },
+        )
+        return out
+
+
+def save_tokenizer(vae: VQVAE, out: Path, extra: dict | None = None) -> None:
+    save_safetensors(out / "model.safetensors", vae.state_dict())
+    write_json(
+        out / "config.json", {"format": TOKENIZER_FORMAT, "tokenizer": vae.cfg.to_dict(), **(extra or {})}
+    )
+
+
+def load_tokenizer(path: str | Path) -> VQVAE:
+    """A trained tokenizer: its export folder, or the run folder that holds ``tokenizer/``."""
+    p = Path(path)
+    if (p / "tokenizer" / "config.json").is_file():
+        p = p / "tokenizer"
+    cfg = read_json(p / "config.json")
+    if not isinstance(cfg, dict) or cfg.get("format") != TOKENIZER_FORMAT:
+        raise CheckpointMismatch(f"'{p / 'config.json'}' is not a freqar tokenizer export")
+    vae = VQVAE(MSVQConfig(**cfg["tokenizer"]))
+    load_state_dict_strict(vae, load_safetensors(p / "model.safetensors"), source=str(p))
+    return vae.eval().requires_grad_(False)

@@ -1,0 +1,213 @@
+"""Training: configs, data loading, losses going down, exact resume, refusals and NaN handling."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from freqar.cli import main
+from freqar.train.config import TokenizerTrainConfig, load_config
+from freqar.train.data import DatasetError, batch_indices, load_image_folder
+from freqar.train.loop import ResumeMismatch, TrainingDiverged
+from freqar.train.run import train_tokenizer, train_var
+from train_helpers import tok_config, var_config, write_manifest_dataset
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_manifest_dataset(tmp_path_factory.mktemp("data") / "shapes")
+
+
+@pytest.fixture(scope="module")
+def trained_tok(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(tok_config(data_dir, steps=12), out, progress=False)
+    return out
+
+
+def test_config_yaml_and_overrides(tmp_path: Path) -> None:
+    y = tmp_path / "c.yaml"
+    y.write_text("model:\n  ch: 32\n  ch_mult: [1, 2]\noptim:\n  lr: 1.0e-3\n")
+    cfg = load_config(
+        TokenizerTrainConfig(), y, ["run.steps=7", "model.patch_nums=[1,2,4]", "data.hflip=false"]
+    )
+    assert cfg.model.ch == 32 and cfg.model.ch_mult == [1, 2] and cfg.optim.lr == 1e-3
+    assert cfg.run.steps == 7 and cfg.model.patch_nums == [1, 2, 4] and cfg.data.hflip is False
+    with pytest.raises(Exception, match="unknown config key 'model.chh'"):
+        load_config(TokenizerTrainConfig(), None, ["model.chh=3"])
+    with pytest.raises(Exception, match="must be an integer"):
+        load_config(TokenizerTrainConfig(), None, ["run.steps=abc"])
+
+
+def test_batch_indices_cover_epoch_and_split_ranks() -> None:
+    a = torch.cat([batch_indices(10, 2, s, seed=1) for s in range(5)])
+    assert sorted(a.tolist()) == list(range(10))
+    assert torch.equal(batch_indices(10, 2, 3, seed=1), batch_indices(10, 2, 3, seed=1))
+    r0, r1 = batch_indices(10, 2, 0, 1, rank=0, world=2), batch_indices(10, 2, 0, 1, rank=1, world=2)
+    assert not set(r0.tolist()) & set(r1.tolist())
+
+
+def test_image_folder_labels_and_corrupt_files(tmp_path: Path) -> None:
+    for i in range(3):
+        Image.fromarray(np.full((20, 30, 4), 40 * i, np.uint8)).save(tmp_path / f"im{i}.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label,caption\nim0.png,cat,a cat\nim1.png,dog,\nim2.png,cat,x\nbad.png,dog,\n")
+    ds = load_image_folder(tmp_path, 16, str(labels))
+    assert ds.images.shape == (3, 16, 16, 3) and ds.skipped == 1
+    assert ds.class_names == ["cat", "dog"] and ds.labels.tolist() == [0, 1, 0]
+    assert ds.images[0, 0, 0].tolist() == [255, 255, 255]  # transparent -> white
+    with pytest.raises(DatasetError, match="no readable images"):
+        load_image_folder(tmp_path / "empty", 16) if (tmp_path / "empty").mkdir() is None else None
+
+
+def test_tokenizer_loss_decreases_and_exports(trained_tok: Path) -> None:
+    import json
+
+    hist = torch.load(trained_tok / "checkpoint.pt", weights_only=True)["history"]["loss"]
+    assert hist[-3:].mean() < hist[:3].mean()
+    info = json.loads((trained_tok / "tokenizer" / "config.json").read_text())
+    assert 0 < info["codebook_used"] <= 1 and info["dead_code_restarts"] >= 0
+    assert (trained_tok / "loss.png").is_file()
+
+
+def test_var_loss_decreases_and_exports_a_pipeline(tmp_path: Path, data_dir: Path, trained_tok: Path) -> None:
+    from freqar.registry import create_model
+
+    res = train_var(var_config(data_dir, trained_tok, steps=10), tmp_path, progress=False)
+    loss = res.history["loss"]
+    assert np.mean(loss[-3:]) < np.mean(loss[:3])
+    pipe = create_model(str(res.export))
+    assert pipe.class_names == ["square", "disc", "stripes"]
+    out = pipe.generate([0, 2], seed=0)
+    assert out.images.shape == (2, 3, 16, 16)
+
+
+def test_resume_matches_uninterrupted(tmp_path: Path, data_dir: Path) -> None:
+    """Kill after the step-2 checkpoint, resume: every later loss equals the uninterrupted run's."""
+    full = train_tokenizer(tok_config(data_dir, steps=4, ckpt_every=2), tmp_path / "full", progress=False)
+    _run_until(train_tokenizer, tok_config(data_dir, steps=4, ckpt_every=2), tmp_path / "cut", stop_after=2)
+    resumed = train_tokenizer(tok_config(data_dir, steps=4, ckpt_every=2), tmp_path / "cut", progress=False)
+    assert resumed.history["loss"] == full.history["loss"]
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    assert torch.equal(a["task_state"]["usage"], b["task_state"]["usage"])
+
+
+def test_resume_var_is_exact(tmp_path: Path, data_dir: Path, trained_tok: Path) -> None:
+    full = train_var(
+        var_config(data_dir, trained_tok, steps=3, ckpt_every=2), tmp_path / "full", progress=False
+    )
+    _run_until(
+        train_var, var_config(data_dir, trained_tok, steps=3, ckpt_every=2), tmp_path / "cut", stop_after=2
+    )
+    resumed = train_var(
+        var_config(data_dir, trained_tok, steps=3, ckpt_every=2), tmp_path / "cut", progress=False
+    )
+    assert resumed.history["loss"] == full.history["loss"]
+
+
+def _run_until(train_fn, cfg, out: Path, stop_after: int) -> None:  # type: ignore[no-untyped-def]
+    """Run ``cfg`` but die (like a kill) right after the checkpoint of step ``stop_after``."""
+    from freqar.train import loop as loop_mod
+
+    orig = loop_mod.TrainLoop.save
+
+    def save_then_die(self: loop_mod.TrainLoop) -> None:
+        orig(self)
+        if self.step >= stop_after:
+            raise KeyboardInterrupt
+
+    loop_mod.TrainLoop.save = save_then_die  # type: ignore[method-assign]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_fn(cfg, out, progress=False)
+    finally:
+        loop_mod.TrainLoop.save = orig  # type: ignore[method-assign]
+
+
+def test_resume_with_other_config_is_refused(tmp_path: Path, data_dir: Path) -> None:
+    train_tokenizer(tok_config(data_dir, steps=1), tmp_path, progress=False)
+    cfg = tok_config(data_dir, steps=1)
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e-2))
+    with pytest.raises(ResumeMismatch, match="optim.lr"):
+        train_tokenizer(cfg, tmp_path, progress=False)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, data_dir: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from freqar.train.tokenizer import TokenizerTask
+
+    orig = TokenizerTask.compute_loss
+
+    def poisoned(self, model, step):  # type: ignore[no-untyped-def]
+        loss, m, n = orig(self, model, step)
+        return (loss * float("nan") if step == 3 else loss), m, n
+
+    monkeypatch.setattr(TokenizerTask, "compute_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="step 3"):
+        train_tokenizer(tok_config(data_dir, steps=6, ckpt_every=2), tmp_path, progress=False)
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_cli_train_tokenizer_and_errors(tmp_path: Path, data_dir: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    y = tmp_path / "tok.yaml"
+    y.write_text(
+        "model: {vocab_size: 16, z_channels: 4, ch: 8, ch_mult: [1, 2], num_res_blocks: 1, using_sa: false,\n"
+        "        using_mid_sa: false, groupnorm_groups: 4, patch_nums: [1, 2, 4, 8]}\n"
+        "data: {size: 16}\nrun: {batch_size: 2, log_every: 1}\n"
+    )
+    rc = main(
+        [
+            "train",
+            "tokenizer",
+            "--config",
+            str(y),
+            "--data",
+            str(data_dir),
+            "--out",
+            str(tmp_path / "r"),
+            "--steps",
+            "2",
+            "--no-progress",
+        ]
+    )
+    assert rc == 0 and (tmp_path / "r" / "tokenizer" / "model.safetensors").is_file()
+    rc = main(
+        [
+            "train",
+            "tokenizer",
+            "--config",
+            str(y),
+            "--data",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "r2"),
+            "--steps",
+            "1",
+        ]
+    )
+    assert rc == 2 and "freqar: error: data folder not found" in capsys.readouterr().err
+    rc = main(
+        [
+            "train",
+            "tokenizer",
+            "--config",
+            str(y),
+            "--data",
+            str(data_dir),
+            "--out",
+            str(tmp_path / "r3"),
+            "--steps",
+            "1",
+            "--set",
+            "data.size=32",
+        ]
+    )
+    assert rc == 2 and "data.size=32" in capsys.readouterr().err
