@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 
+from ..models.infinity_pipeline import get_infinity_spec, infinity_presets
 from ..registry import get_spec, list_models
 
 
@@ -14,10 +16,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    names = list_models(args.pattern)
+    infinity = sorted(n for n in infinity_presets() if fnmatch.fnmatch(n, args.pattern))
+    names = list_models(args.pattern) + infinity
     w = max((len(n) for n in names), default=4)
     for n in names:
-        s = get_spec(n)
+        s = get_infinity_spec(n) if n in infinity else get_spec(n)
         src = f"  [{s.hub_repo}: {', '.join(s.files.values())}]" if s.hub_repo else ""
         print(f"{n:<{w}}  {s.image_size:>4}px  {s.description}{src}")
     return 0

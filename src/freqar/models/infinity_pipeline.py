@@ -50,7 +50,7 @@ class InfinitySpec:
     def image_size(self) -> int:
         """Side of the default (1:1, 1M) image."""
         grids, _ = schedule_for(self.defaults.h_div_w, self.defaults.resolution)
-        return grids[-1][0] * self.vae.patch_size
+        return grids[-1][0] * self.vae.patch_size * (2 if self.spatial_patchify else 1)
 
 
 def infinity_presets() -> dict[str, Callable[[], InfinitySpec]]:
