@@ -14,6 +14,7 @@ from ..models.infinity_pipeline import is_infinity_model
 from ..policies import make_policy
 from ..policies.sparsevar import mask_picture
 from .common import add_model_args, float_list, int_list, load_model
+from .far_generate import add_far_args
 
 # --accel knob options -> (policy config field, policies that accept it)
 _KNOBS = {
@@ -48,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--text-encoder", help="local text-encoder folder (HART: a Qwen2 copy)")
     t.add_argument("--h-div-w", type=float, help="Infinity: height/width, nearest template (1.0)")
     t.add_argument("--resolution", help="Infinity: 0.06M, 0.25M, 0.60M or 1M (default 1M)")
+    add_far_args(p)
     a = p.add_argument_group("acceleration (token policies)")
     a.add_argument(
         "--accel",
@@ -102,6 +104,17 @@ def run(args: argparse.Namespace) -> int:
     out = check_writable(args.out)
     masks_out = check_writable(args.save_masks) if args.save_masks else None
     policy = build_policy(args)
+    from ..models.far_pipeline import is_far_model
+
+    if is_far_model(args.model):
+        from .far_generate import run_far
+
+        return run_far(args, policy, out)
+    for flag in ("checkpoint", "steps", "levels"):
+        if getattr(args, flag, None) is not None:
+            raise InvalidOption(f"--{flag} applies to FAR models only")
+    if args.ddim or args.unconditional:
+        raise InvalidOption("--ddim and --unconditional apply to FAR models only")
     if is_hart_model(args.model):
         from .hart_generate import run_hart
 
