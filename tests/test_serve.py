@@ -23,6 +23,7 @@ from starlette.testclient import TestClient  # noqa: E402
 
 from freqar.cli import main  # noqa: E402
 from freqar.cli.serve import is_loopback  # noqa: E402
+from freqar.errors import InvalidOption  # noqa: E402
 from freqar.serve.app import create_app  # noqa: E402
 from freqar.serve.studio import ServeSettings  # noqa: E402
 
@@ -171,6 +172,9 @@ def test_bad_bodies(client):
         (b"[1, 2]", js, 400),
         (b"{not json", js, 400),
         (b'{"cfg": NaN}', js, 400),
+        (b'{"cfg": 1e400}', js, 422),
+        (b"[" * 8000 + b"]" * 8000, js, 400),
+        (b"\xff\xfe{}", js, 400),
         (b'{"seed": 1}', {"content-type": "text/plain"}, 415),
         (b'{"seed": 1}', {"content-type": "application/x-www-form-urlencoded"}, 415),
         (b'{"seed": 1' + b" " * 20000 + b"}", js, 413),
@@ -179,7 +183,7 @@ def test_bad_bodies(client):
         for path in ("/api/generate", "/api/jobs"):
             r = client.post(path, content=data, headers=headers)
             assert r.status_code == status, (data[:20], path, r.text)
-            assert r.json()["error"]["field"] == "body"
+            assert r.json()["error"]["field"] == ("cfg" if status == 422 else "body")
 
 
 def test_jobs_poll_progress_then_result(client):
@@ -236,6 +240,13 @@ def test_finished_jobs_are_bounded():
         ids = [c.post("/api/generate", json={"seed": i}).json()["id"] for i in range(4)]
         assert [c.get(f"/api/jobs/{i}").status_code for i in ids] == [404, 404, 200, 200]
         assert len(app.state.studio.jobs) == 2
+
+
+def test_only_class_conditional_pipelines_are_served():
+    with pytest.raises(InvalidOption, match="class-conditional"):
+        create_app({"odd": object()})  # type: ignore[dict-item]
+    with pytest.raises(InvalidOption, match="at least one"):
+        create_app({})
 
 
 def test_trusted_hosts_refuse_rebinding():

@@ -92,7 +92,7 @@ async def read_json(request: Request, limit: int) -> Any:
 
     try:
         return json.loads(b"".join(chunks), parse_constant=no_constants)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; nesting bombs recurse
         raise FieldError("body", f"the body is not valid JSON ({str(e)[:80]})", 400) from None
 
 

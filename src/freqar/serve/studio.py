@@ -388,6 +388,12 @@ class Studio:
     def __init__(self, models: dict[str, Pipeline], settings: ServeSettings | None = None) -> None:
         if not models:
             raise InvalidOption("the studio needs at least one model")
+        for name, pipe in models.items():  # text-to-image families take prompts: not served yet
+            if not isinstance(pipe, Pipeline):
+                raise InvalidOption(
+                    f"model '{name}' ({type(pipe).__name__}) is not a class-conditional freqar Pipeline; "
+                    "freqar serve serves class-conditional models"
+                )
         self.settings = settings or ServeSettings()
         self.models = dict(models)
         self.workers = {n: ModelWorker(n, p, self.settings) for n, p in self.models.items()}
