@@ -318,3 +318,19 @@ def test_cli_generate_far_tiny(tmp_path, capsys):
 
 def test_freqar_error_is_the_base():
     assert issubclass(CheckpointMismatch, FreqarError)
+
+
+def test_official_files_load_and_diffloss_size_comes_from_the_checkpoint(tmp_path):
+    """kl16-style ``{"model": sd}`` and checkpoint-last.pth with another diffusion-MLP depth/width."""
+    spec_far = far_preset("far-tiny")
+    other = FARTransformer(type(spec_far)(**{**spec_far.to_dict(), "diffloss_d": 3, "diffloss_w": 40}))
+    ck = tmp_path / "checkpoint-last.pth"
+    torch.save(
+        {"model": other.state_dict(), "model_ema": other.state_dict(), "args": argparse.Namespace()}, ck
+    )
+    vae_sd = create_far_model("far-tiny", init_seed=5).vae.state_dict()
+    kl = tmp_path / "kl16.ckpt"
+    torch.save({"model": vae_sd}, kl)
+    pipe = create_far_model("far-tiny", vae=kl, checkpoint=ck)
+    assert pipe.transformer.cfg.diffloss_d == 3 and pipe.transformer.cfg.diffloss_w == 40
+    assert torch.equal(pipe.vae.state_dict()["quant_conv.weight"], vae_sd["quant_conv.weight"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 
+from ..models.far_pipeline import far_presets
 from ..models.infinity_pipeline import get_infinity_spec, infinity_presets
 from ..registry import get_spec, list_models
 
@@ -18,7 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     infinity = sorted(n for n in infinity_presets() if fnmatch.fnmatch(n, args.pattern))
     names = list_models(args.pattern) + infinity
-    w = max((len(n) for n in names), default=4)
+    far = {n: s for n, s in far_presets().items() if fnmatch.fnmatch(n, args.pattern)}
+    w = max((len(n) for n in [*names, *far]), default=4)
+    for n, fs in far.items():
+        src = f"  [{'; '.join(fs.files.values())}]" if fs.files else ""
+        print(f"{n:<{w}}  {fs.vae.resolution:>4}px  {fs.description}{src}")
     for n in names:
         s = get_infinity_spec(n) if n in infinity else get_spec(n)
         src = f"  [{s.hub_repo}: {', '.join(s.files.values())}]" if s.hub_repo else ""

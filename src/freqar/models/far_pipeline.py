@@ -315,9 +315,26 @@ def create_far_model(
             f"model '{spec.name}' needs {missing} "
             f"(official files: {spec.files['vae']}; {spec.files['checkpoint']})"
         )
-    pipe = build_far_pipeline(spec.name, spec.vae, spec.far, spec.defaults, init_seed=init_seed)
+    far_cfg, state = spec.far, None
+    if checkpoint is not None:
+        state = load_far_checkpoint(checkpoint, prefer_ema)
+        far_cfg = _diffloss_size_from_state(far_cfg, state)
+    pipe = build_far_pipeline(spec.name, spec.vae, far_cfg, spec.defaults, init_seed=init_seed)
     if vae is not None:
         pipe.vae.load_official(load_kl_checkpoint(vae), str(vae))
-    if checkpoint is not None:
-        pipe.transformer.load_official(load_far_checkpoint(checkpoint, prefer_ema), str(checkpoint))
+    if state is not None:
+        pipe.transformer.load_official(state, str(checkpoint))
     return pipe.eval().to(device)
+
+
+def _diffloss_size_from_state(cfg: FARConfig, state: dict[str, torch.Tensor]) -> FARConfig:
+    """The diffusion-MLP depth/width are training flags (``--diffloss_d/w``), not part of the model name,
+    so they are read from the checkpoint (the README's parameter counts do not pin them down for L/H)."""
+    import dataclasses
+    import re
+
+    w = state.get("diffloss.net.input_proj.weight")
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"diffloss\.net\.res_blocks\.(\d+)\.", k))}
+    if w is None or not blocks:
+        return cfg
+    return dataclasses.replace(cfg, diffloss_d=max(blocks) + 1, diffloss_w=int(w.shape[0]))
