@@ -334,3 +334,60 @@ def test_official_files_load_and_diffloss_size_comes_from_the_checkpoint(tmp_pat
     pipe = create_far_model("far-tiny", vae=kl, checkpoint=ck)
     assert pipe.transformer.cfg.diffloss_d == 3 and pipe.transformer.cfg.diffloss_w == 40
     assert torch.equal(pipe.vae.state_dict()["quant_conv.weight"], vae_sd["quant_conv.weight"])
+
+
+def test_checker_is_driven_by_config_only(tmp_path):
+    """Another FAR fixture shape (Ce != Cd, other buffer, deeper VAE, comma respacing, unconditional run):
+    a self-made fixture in the upstream layout must run through every code path and pass."""
+    from safetensors.torch import save_file
+
+    from freqar.conformance_far import compute_far_fixture
+
+    cfg = json.loads((FAR_TINY / "config.json").read_text())
+    cfg["image_size"] = 128
+    cfg["vae"].update(ch_mult=[1, 1, 1, 1], resolution=128, downsample=8, num_res_blocks=1)
+    cfg["far"].update(encoder_embed_dim=48, encoder_num_heads=3, buffer_size=16, diffloss_d=1)
+    cfg["far"]["num_sampling_steps"] = "2,1"
+    cfg["lowpass_sizes"] = [0, 3]
+    cfg["generations"] = [{**cfg["generations"][1], "name": "unc", "prefix": "gen.unc.", "labels": None}]
+    cfg["generations"][0]["latent_core"] = [0, 2, 5]
+    far_cfg = far_preset("far-tiny")
+    far = FARTransformer(
+        type(far_cfg)(
+            **{
+                **far_cfg.to_dict(),
+                "encoder_embed_dim": 48,
+                "encoder_num_heads": 3,
+                "buffer_size": 16,
+                "diffloss_d": 1,
+                "diffloss_w": 48,
+            }
+        )
+    )
+    vae = build_far_pipeline(
+        "v", KLConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, resolution=128), far.cfg
+    ).vae
+    d = tmp_path / "fx"
+    d.mkdir()
+    torch.save(far.state_dict(), d / "far.pth")
+    torch.save(vae.state_dict(), d / "vae.pth")
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        "input.images": torch.rand(2, 3, 128, 128, generator=g) * 2 - 1,
+        "diffnet.x": torch.randn(512, 16, generator=g),
+        "diffnet.t": torch.randint(0, 1000, (512,), generator=g),
+        "diffnet.index": torch.randint(0, 16, (512, 1), generator=g).float(),
+        "diffnet.x_second_half": torch.randn(256, 16, generator=g),
+        "loss.t": torch.randint(0, 999, (512,), generator=g),
+        "loss.noise": torch.randn(512, 16, generator=g),
+    }
+    (d / "config.json").write_text(json.dumps(cfg))
+    save_file(inputs, str(d / "expected.safetensors"))
+    # two passes: the checker reads model.cond from the expected file for the diffusion-net rows
+    for _ in range(2):
+        out = compute_far_fixture(d)
+        save_file({k: v.contiguous() for k, v in out.items()}, str(d / "expected.safetensors"))
+    assert "gen.unc.labels" not in out and out["gen.unc.latent"].shape == (2, 16, 16, 16)
+    assert out["model.cond"].shape == (2, 256, 32)
+    rows = run(d)
+    assert len(rows) == len(out) and all(r.ok for r in rows)
