@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_pipeline
 from freqar.errors import InvalidOption
-from freqar.interfaces import Selection, StepOutput
+from freqar.interfaces import Selection, StepOutput, materialize
 from freqar.pipeline import Pipeline
 from freqar.policies import make_policy
 from freqar.policies.sparsevar import (
@@ -96,7 +96,8 @@ def _synthetic_state(beta: float) -> tuple[SparseVARPolicy, SparseVARState, Sele
 
 def test_excluded_token_copies_its_anchor_or_contributes_zero() -> None:
     pol, st, sel, logits = _synthetic_state(beta=0.9)
-    full, keep = pol.fill(1, sel, logits, StepOutput(logits), st)
+    pred, keep = pol.fill(1, sel, logits, StepOutput(logits), st)
+    full = materialize(pred)  # the policy returns a row map; the sampler never builds this copy
     anchor_row = {int(p): i for i, p in enumerate(sel.index[0])}  # position -> row of its logits
     # (1,3) = position 7 is identical to the anchor at (0,2) = position 2: it gets exactly those logits
     assert torch.equal(full[0, 7], logits[0, anchor_row[2]])
@@ -235,3 +236,19 @@ def test_mask_picture_and_stats(pipe: Pipeline) -> None:
     pic = mask_picture(out.policy_state.masks, sample=1, image=out.images[1], side=32)
     assert pic.shape[:2] == (3, 32) and pic.min() >= 0 and pic.max() <= 1
     assert pic.shape[2] == 5 * 32 + 4 * 2  # image + 4 stage panels, 2-pixel gaps
+
+
+def test_row_map_sampling_draws_exactly_like_multinomial() -> None:
+    """The shared-row sampler (SparseVAR's copied tokens) gives torch.multinomial's draws on the full grid."""
+    from freqar.engine.sampling import SamplerConfig, sample_categorical
+    from freqar.interfaces import StagePrediction
+
+    rows = torch.randn(2, 5, 64) * 3
+    src = torch.randint(0, 5, (2, 12))
+    pred = StagePrediction(rows.clone(), src)
+    for cfg in (SamplerConfig(), SamplerConfig(top_k=10, top_p=0.9), SamplerConfig(top_k=8, smooth=True)):
+        a = sample_categorical(StagePrediction(rows.clone(), src), cfg, torch.Generator().manual_seed(3), 0.5)
+        b = sample_categorical(pred.full().clone(), cfg, torch.Generator().manual_seed(3), 0.5)
+        assert torch.equal(a[0], b[0])
+        if cfg.smooth:
+            torch.testing.assert_close(a[1], b[1], atol=1e-6, rtol=0)

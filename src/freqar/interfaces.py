@@ -41,6 +41,30 @@ class StepOutput:
 
 
 @dataclass
+class StagePrediction:
+    """A stage's per-token predictions as distinct ``rows`` (B, m, ...) plus ``src`` (B, l): the row each grid
+    position takes.
+
+    A token policy returns this instead of a full (B, l, ...) tensor when many positions share a row
+    (SparseVAR's copied tokens take their anchor's logits): the sampler then masks and normalises only
+    the distinct rows, so its cost follows the computed tokens while the draws stay those of the full grid.
+    """
+
+    rows: torch.Tensor
+    src: torch.Tensor
+
+    def full(self) -> torch.Tensor:
+        B, l = self.src.shape
+        idx = self.src.view(B, l, *([1] * (self.rows.dim() - 2))).expand(B, l, *self.rows.shape[2:])
+        return self.rows.gather(1, idx)
+
+
+def materialize(pred: torch.Tensor | StagePrediction) -> torch.Tensor:
+    """The full-grid tensor of a prediction (a plain tensor is returned as is)."""
+    return pred.full() if isinstance(pred, StagePrediction) else pred
+
+
+@dataclass
 class StageSample:
     """What a head's sampler drew for one stage over the full grid.
 

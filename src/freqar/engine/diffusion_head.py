@@ -18,7 +18,7 @@ import torch
 from ..diffusion import GaussianDiffusion, space_timesteps
 from ..errors import InvalidOption
 from ..heads.diffusion_mlp import DiffusionMLP
-from ..interfaces import StageSample
+from ..interfaces import StageSample, materialize
 from .guidance import Guidance
 
 
@@ -98,6 +98,7 @@ class DiffusionHead:
         self, full: torch.Tensor, stage: int, num_stages: int, generator: torch.Generator | None
     ) -> StageSample:
         t0 = time.perf_counter()
+        full = materialize(full)
         R, n, Cd = full.shape
         B = R // 2 if self.guidance.enabled else R
         g = 1.0 + self.guidance.scale(stage, num_stages)

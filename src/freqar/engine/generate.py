@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidOption
-from ..interfaces import Selection, StageHead, Tokenizer, TokenPolicy, Transformer
+from ..interfaces import Selection, StageHead, Tokenizer, TokenPolicy, Transformer, materialize
 from .guidance import Guidance
 from .heads import CategoricalHead
 from .sampling import SamplerConfig
@@ -151,7 +151,7 @@ def generate(
         guided = head.guide(head.predict(out.hidden, cond), B, k, S)
         full, keep_Bl = policy.fill(k, sel, guided, out, pstate)
         if record_logits:
-            logits_rec.append(full.clone())
+            logits_rec.append(materialize(full).clone())
         drawn = head.sample(full, k, S, generator)
         canvas = tokenizer.update(canvas, tokenizer.token_vectors(drawn), k, keep_Bl)
         tokens.append(drawn.idx if drawn.idx is not None else drawn.values)

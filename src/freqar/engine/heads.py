@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidOption
-from ..interfaces import StageSample
+from ..interfaces import StageSample, materialize
 from .guidance import Guidance
 from .sampling import SamplerConfig, mask_top_k_top_p_, sample_categorical
 
@@ -80,6 +80,7 @@ class BitwiseHead:
     def sample(
         self, full: torch.Tensor, stage: int, num_stages: int, generator: torch.Generator | None
     ) -> StageSample:
+        full = materialize(full)
         B, l, V = full.shape
         pairs = full.reshape(B, l * V // 2, 2)
         mask_top_k_top_p_(pairs, self.top_k, self.top_p)

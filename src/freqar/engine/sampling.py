@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvalidOption
+from ..interfaces import StagePrediction
 
 
 @dataclass(frozen=True)
@@ -50,13 +51,19 @@ def mask_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int, top_p: float) -> tor
 
 
 def sample_categorical(
-    logits_BlV: torch.Tensor, cfg: SamplerConfig, generator: torch.Generator | None, progress: float
+    logits_BlV: torch.Tensor | StagePrediction,
+    cfg: SamplerConfig,
+    generator: torch.Generator | None,
+    progress: float,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Draw one code per position; returns (idx (B,l), soft mixture weights (B,l,V) or None).
 
     ``progress`` = k/(K-1) drives the Gumbel temperature of the smooth mode. Draw order matches
-    upstream: one multinomial over all B*l rows, then (smooth only) the Gumbel noise.
+    upstream: one multinomial over all B*l rows, then (smooth only) the Gumbel noise. A
+    :class:`StagePrediction` is masked and normalised per distinct row only; its draws are the same.
     """
+    if isinstance(logits_BlV, StagePrediction):
+        return _sample_rows(logits_BlV, cfg, generator, progress)
     B, l, V = logits_BlV.shape
     if cfg.temperature != 1.0:
         logits_BlV = logits_BlV / cfg.temperature
@@ -69,3 +76,29 @@ def sample_categorical(
     gumbel = -torch.empty_like(logits_BlV).exponential_(generator=generator).log()
     soft = ((logits_BlV * (1 + progress) + gumbel) / tau).softmax(dim=-1)
     return idx_Bl, soft
+
+
+def _sample_rows(
+    pred: StagePrediction, cfg: SamplerConfig, generator: torch.Generator | None, progress: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`sample_categorical` for shared rows, with the exact draws of ``torch.multinomial``.
+
+    A one-sample multinomial draws Exp(1) noise q of shape (N, V) and returns argmax(p / q); drawing q
+    for the full grid here keeps the generator stream, and so every token's draw, identical to dense
+    sampling, while top-k/top-p/softmax run on the distinct rows only.
+    """
+    rows = pred.rows
+    B, l = pred.src.shape
+    V = rows.shape[-1]
+    if cfg.temperature != 1.0:
+        rows = rows / cfg.temperature
+    mask_top_k_top_p_(rows, cfg.top_k, cfg.top_p)
+    probs = StagePrediction(rows.softmax(dim=-1), pred.src).full().view(B * l, V)
+    q = torch.empty(B * l, V, dtype=probs.dtype, device=probs.device).exponential_(generator=generator)
+    idx_Bl = probs.div_(q).argmax(dim=-1).view(B, l)
+    if not cfg.smooth:
+        return idx_Bl, None
+    masked = StagePrediction(rows, pred.src).full()
+    tau = max(0.27 * (1 - 0.95 * progress), 0.005)
+    gumbel = -torch.empty_like(masked).exponential_(generator=generator).log()
+    return idx_Bl, ((masked * (1 + progress) + gumbel) / tau).softmax(dim=-1)

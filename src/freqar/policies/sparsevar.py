@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidOption
-from ..interfaces import Selection, StepOutput
+from ..interfaces import Selection, StagePrediction, StepOutput, materialize
 
 # Codes of the per-stage mask pictures (the paper's Figure 7).
 COMPUTED, ANCHOR, COPIED, ZEROED = 0, 1, 2, 3
@@ -164,6 +164,16 @@ def scatter_rows(values_BnD: torch.Tensor, sel: Selection, l: int) -> torch.Tens
     return full[:, :l]
 
 
+def row_of_position(sel: Selection, l: int) -> torch.Tensor:
+    """(B, l) row of the selection computing each grid position; positions not computed point at row 0."""
+    assert sel.index is not None
+    B, n = sel.index.shape
+    idx = sel.index if sel.valid is None else sel.index.masked_fill(~sel.valid, l)  # padding -> dump slot
+    src = torch.zeros(B, l + 1, dtype=torch.long, device=sel.index.device)
+    src.scatter_(1, idx, torch.arange(n, device=idx.device).expand(B, n))
+    return src[:, :l]
+
+
 def _resize(x_BChw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x_BChw.shape[-2:]) == size:
         return x_BChw
@@ -219,17 +229,20 @@ class SparseVARPolicy:
     # ----- fill --------------------------------------------------------------------------------------
     def fill(
         self, stage: int, sel: Selection, logits_BnV: torch.Tensor, out: StepOutput, st: SparseVARState
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | StagePrediction, torch.Tensor | None]:
+        """Scatter the computed rows back as a row map (no (B, l, V) copy) and apply Eq. 3 to it."""
         h, w = st.grids[stage]
         l = h * w
         B = st.batch
         if st.off:
             return logits_BnV, None
         keep_Bl = None
-        full_BlV = scatter_rows(logits_BnV, sel, l)
+        pred: torch.Tensor | StagePrediction = logits_BnV
         code = torch.zeros(B, l, dtype=torch.uint8, device=logits_BnV.device)
-        if stage >= st.P and st.computed_Bl is not None and not sel.dense:
-            full_BlV, keep_Bl, code = self._fill_excluded(full_BlV, st)
+        if not sel.dense:
+            pred = StagePrediction(logits_BnV, row_of_position(sel, l))
+            if stage >= st.P and st.computed_Bl is not None:
+                keep_Bl, code = self._fill_excluded(pred.src, st)
         if stage >= st.P - 1:
             self._record(stage, st, code)
         last = stage == len(st.grids) - 1
@@ -240,30 +253,31 @@ class SparseVARPolicy:
             if stage == st.P - 1:
                 st.low_Bl = torch.zeros(B, l, dtype=torch.bool, device=dF_Bn.device)
             # vocabulary-last (channels_last) view: the resize then reads and writes contiguous rows
+            full_BlV = materialize(pred)
             prev = full_BlV.reshape(B, h, w, -1).permute(0, 3, 1, 2)
             resized = _resize(prev, st.grids[stage + 1]).permute(0, 2, 3, 1)
-            # a copy either way: the sampler may mask full_BlV in place
-            st.prev_BhwV = resized.clone() if resized.data_ptr() == full_BlV.data_ptr() else resized
-        return full_BlV, keep_Bl
+            # a copy either way: the sampler may mask the logits in place
+            st.prev_BhwV = resized.clone() if resized.data_ptr() == logits_BnV.data_ptr() else resized
+        return pred, keep_Bl
 
     def _fill_excluded(
-        self, full_BlV: torch.Tensor, st: SparseVARState
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Eq. 3: excluded tokens copy the most similar anchor's logits, or get a zero residual."""
+        self, src_Bl: torch.Tensor, st: SparseVARState
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Eq. 3 on the row map (in place): an excluded token takes its most similar anchor's row of logits
+        when the similarity reaches β, else it gets a zero residual (its draw is then unused)."""
         assert st.prev_BhwV is not None and st.computed_Bl is not None and st.anchor_l is not None
         computed, anchor = st.computed_Bl, st.anchor_l
-        sim, src = best_anchor(st.prev_BhwV, self.cfg.alpha)
+        sim, anchor_pos = best_anchor(st.prev_BhwV, self.cfg.alpha)
         excluded = ~computed
         copied = excluded & (sim >= self.cfg.beta)
-        b, p = copied.nonzero(as_tuple=True)
-        full_BlV[b, p] = full_BlV[b, src[b, p]]
+        src_Bl.copy_(torch.where(copied, src_Bl.gather(1, anchor_pos), src_Bl))
         zeroed = excluded & ~copied
         code = torch.full_like(computed, COMPUTED, dtype=torch.uint8)
         code[anchor[None, :] & st.low_Bl] = ANCHOR  # computed only because it is an anchor
         code[copied] = COPIED
         code[zeroed] = ZEROED
         keep = None if not bool(zeroed.any()) else ~zeroed
-        return full_BlV, keep, code
+        return keep, code
 
     def _record(self, stage: int, st: SparseVARState, code_Bl: torch.Tensor) -> None:
         h, w = st.grids[stage]
