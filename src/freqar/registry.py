@@ -74,12 +74,46 @@ def _tiny() -> ModelSpec:
     )
 
 
+# Models whose trained weights ship inside the package: preset name -> folder under freqar/assets.
+BUNDLED = {"emoji": "emoji-default"}
+
+
+def bundled_dir(name: str) -> Path | None:
+    """The package-data folder of a bundled model, or None when its weights are not installed."""
+    if name not in BUNDLED:
+        return None
+    from importlib.resources import files
+
+    d = Path(str(files("freqar").joinpath("assets", BUNDLED[name])))
+    return d if (d / "config.json").is_file() and (d / "model.safetensors").is_file() else None
+
+
+def _bundled_spec(name: str, directory: Path) -> ModelSpec:
+    from .io import read_json
+
+    cfg = read_json(directory / "config.json")
+    classes = cfg.get("class_names") or []
+    return ModelSpec(
+        name=name,
+        family=cfg.get("family", "var"),
+        description=cfg.get("description")
+        or f"class-conditional model with bundled weights ({len(classes)} classes: {', '.join(classes)})",
+        tokenizer=MSVQConfig(**cfg["tokenizer"]),
+        transformer=VARConfig(**cfg["transformer"]),
+        defaults=SamplingDefaults(**cfg.get("defaults", {})),
+    )
+
+
 def _registry() -> dict[str, Callable[[], ModelSpec]]:
     reg: dict[str, Callable[[], ModelSpec]] = {
         f"var-d{d}": (lambda d=d: _official_var(d)) for d in (16, 20, 24, 30)
     }
     reg["var-d36"] = lambda: _official_var(36, VAR_512, shared=True)
     reg["var-tiny"] = _tiny
+    for name in BUNDLED:
+        d = bundled_dir(name)
+        if d is not None:
+            reg[name] = lambda name=name, d=d: _bundled_spec(name, d)
     return reg
 
 
@@ -134,6 +168,11 @@ def create_model(
         if not (p / "config.json").is_file():
             raise WeightsNotFound(f"'{p}' is a directory without config.json")
         return load_pipeline_dir(p).to(device)
+    bundled = bundled_dir(name_or_path)
+    if bundled is not None and vae is None and var is None:
+        pipe = load_pipeline_dir(bundled)
+        pipe.name = name_or_path
+        return pipe.to(device)
     spec = get_spec(name_or_path)
     pipe = build_pipeline(spec.name, spec.tokenizer, spec.transformer, spec.defaults, init_seed=init_seed)
     want = pretrained if pretrained is not None else (vae is not None or var is not None or download)

@@ -13,7 +13,7 @@ import sys
 from ..errors import FreqarError
 
 # Each module exposes ``register(subparsers)`` which adds its parser with ``func`` set.
-SUBCOMMANDS = ("generate", "models", "conformance", "data", "train", "bench", "serve")
+SUBCOMMANDS = ("generate", "models", "conformance", "data", "train", "eval", "bench", "serve")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,1 @@
+"""Sample-quality metrics (Fréchet distance, KID, an Inception-Score analogue, k-NN precision/recall)."""

@@ -1,0 +1,142 @@
+"""``freqar eval``: score a model's samples against a data set, with a floor and a ceiling beside it.
+
+Reference features (train split, held-out split, degraded held-out) are computed once per data set and
+feature network and cached beside the data; every score is reported with FD/KID floor (train vs held-out,
+real vs real) and ceiling (train vs blurred+noisy held-out), and FD is also normalised to that span.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..io import atomic_path, write_json
+from ..pipeline import Pipeline
+from ..train.data import load_manifest_dataset
+from .fid import EvalError, FeatureNet, degrade, extract, fd, inception_like_score, kid, precision_recall
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    samples: int = 500
+    seed: int = 0
+    batch: int = 25
+    cfg: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    kid_subsets: int = 100
+    kid_subset_size: int = 200
+    pr_k: int = 3
+
+
+def reference_features(data: Path, net: FeatureNet, cache: Path | None = None) -> dict[str, np.ndarray]:
+    """Features of the train split, held-out split and the degraded held-out split (cached on disk)."""
+    train = load_manifest_dataset(data, "train")
+    held = load_manifest_dataset(data, "heldout")
+    h = hashlib.sha256(train.images.numpy().tobytes() + held.images.numpy().tobytes()).hexdigest()[:16]
+    path = (cache or data) / f"features-{net.name}-{h}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    ref: dict[str, np.ndarray] = {}
+    ref["train"], _ = extract(net, train.images)
+    ref["heldout"], ref["heldout_logits"] = extract(net, held.images)
+    ref["ceiling"], _ = extract(net, degrade(held.images))
+    ref["train_labels"] = train.labels.numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **ref)
+    return ref
+
+
+def sample_labels(train_labels: np.ndarray, n: int, num_classes: int, seed: int) -> list[int]:
+    """Labels in the training set's class proportions (a fixed, seeded draw)."""
+    counts = np.bincount(train_labels, minlength=num_classes).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    return rng.choice(num_classes, size=n, p=counts / counts.sum()).tolist()
+
+
+def generate_samples(pipe: Pipeline, labels: list[int], s: EvalSettings) -> tuple[torch.Tensor, float]:
+    """Images (N,3,H,W) in [0,1] for ``labels`` in batches (seed + batch index), and seconds per image."""
+    out, t0 = [], time.perf_counter()
+    for bi, i in enumerate(range(0, len(labels), s.batch)):
+        g = pipe.generate(labels[i : i + s.batch], seed=s.seed + bi, cfg=s.cfg, top_k=s.top_k, top_p=s.top_p)
+        out.append(g.images.float().cpu().clamp(0, 1))
+    return torch.cat(out), (time.perf_counter() - t0) / max(len(labels), 1)
+
+
+def evaluate(
+    pipe: Pipeline,
+    data: Path,
+    out: Path,
+    settings: EvalSettings,
+    net: FeatureNet,
+    cache: Path | None = None,
+) -> dict:
+    """Generate ``settings.samples`` images, score them against the train split, write ``out/eval.json``."""
+    if settings.samples < 2:
+        raise EvalError("--samples must be >= 2")
+    ref = reference_features(data, net, cache)
+    labels = sample_labels(ref["train_labels"], settings.samples, pipe.num_classes, settings.seed)
+    imgs, sec_per_img = generate_samples(pipe, labels, settings)
+    feats, logits = extract(net, imgs)
+    train = ref["train"]
+    ks = dict(subsets=settings.kid_subsets, subset_size=settings.kid_subset_size, seed=settings.seed)
+    n_ref = min(settings.samples, ref["heldout"].shape[0])
+    rng = np.random.default_rng(settings.seed)
+    # Floor/ceiling use as many images as the held-out split has; the model is also scored at that count.
+    fake_n = feats[rng.choice(feats.shape[0], n_ref, replace=False)] if feats.shape[0] > n_ref else feats
+    res: dict = {
+        "fd": fd(train, feats),
+        "fd_at_floor_count": fd(train, fake_n),
+        "fd_floor": fd(train, ref["heldout"][:n_ref]),
+        "fd_ceiling": fd(train, ref["ceiling"][:n_ref]),
+        "kid": kid(train, feats, **ks),
+        "kid_floor": kid(train, ref["heldout"], **ks),
+        "kid_ceiling": kid(train, ref["ceiling"], **ks),
+        "inception_like_score": inception_like_score(logits) if logits is not None else None,
+        "inception_like_score_real": (
+            inception_like_score(ref["heldout_logits"]) if "heldout_logits" in ref else None
+        ),
+    }
+    res["precision"], res["recall"] = precision_recall(ref["heldout"], fake_n, settings.pr_k)
+    span = res["fd_ceiling"] - res["fd_floor"]
+    res["fd_normalized"] = (res["fd_at_floor_count"] - res["fd_floor"]) / span if span > 0 else None
+    res["settings"] = {
+        **asdict(settings),
+        "model": pipe.name,
+        "data": str(data),
+        "feature_net": net.name,
+        "heldout_count": int(ref["heldout"].shape[0]),
+        "train_count": int(train.shape[0]),
+        "floor_ceiling_count": int(n_ref),
+        "seconds_per_image": sec_per_img,
+        "note": "FD on EfficientNet-Lite0 pooled features: a stand-in for Inception FID, "
+        "not comparable with published FIDs",
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "eval.json", res)
+    _save_preview(imgs[:64], out / "samples.png")
+    return res
+
+
+def _save_preview(imgs: torch.Tensor, path: Path) -> None:
+    from PIL import Image
+
+    n = imgs.shape[0]
+    cols = min(8, n)
+    rows = -(-n // cols)
+    h = imgs.shape[-1]
+    grid = torch.ones(3, rows * h, cols * h)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        grid[:, r * h : (r + 1) * h, c * h : (c + 1) * h] = imgs[i]
+    arr = grid.mul(255).round().byte().permute(1, 2, 0).numpy()
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")

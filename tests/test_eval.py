@@ -1,0 +1,54 @@
+"""Evaluation metrics: FD/KID identities, IS-like bounds, precision/recall, and the eval.json writer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from conftest import tiny_pipeline
+from freqar.eval.fid import fd, inception_like_score, kid, precision_recall, random_feature_net
+from freqar.eval.run import EvalSettings, evaluate
+from train_helpers import write_manifest_dataset
+
+
+def test_fd_of_a_set_with_itself_is_zero_and_shift_is_positive() -> None:
+    x = np.random.default_rng(0).normal(size=(400, 16))
+    assert abs(fd(x, x)) < 1e-6
+    assert fd(x, x + 0.5) > 16 * 0.25 * 0.9
+    assert fd(x, x * 2) > 1.0
+
+
+def test_kid_is_near_zero_for_one_distribution() -> None:
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(300, 8)), rng.normal(size=(300, 8))
+    assert abs(kid(a, b, subsets=20, subset_size=100)) < 0.05
+    assert kid(a, b + 1.0, subsets=20, subset_size=100) > 0.1
+
+
+def test_inception_like_score_bounds() -> None:
+    assert abs(inception_like_score(np.zeros((10, 5))) - 1.0) < 1e-6
+    confident = np.eye(5)[np.arange(10) % 5] * 50
+    assert abs(inception_like_score(confident) - 5.0) < 1e-3
+
+
+def test_precision_recall() -> None:
+    rng = np.random.default_rng(2)
+    real = rng.normal(size=(200, 4))
+    p, r = precision_recall(real, real[:100])
+    assert p == 1.0 and r > 0.3
+    p, _ = precision_recall(real, real + 100)
+    assert p == 0.0
+
+
+def test_evaluate_writes_eval_json(tmp_path: Path) -> None:
+    data = write_manifest_dataset(tmp_path / "data", n=24, size=8)
+    pipe = tiny_pipeline()
+    s = EvalSettings(samples=6, batch=3, kid_subsets=5, kid_subset_size=3)
+    res = evaluate(pipe, data, tmp_path / "out", s, random_feature_net(8))
+    saved = json.loads((tmp_path / "out" / "eval.json").read_text())
+    for key in ("fd", "fd_floor", "fd_ceiling", "inception_like_score", "precision", "recall", "settings"):
+        assert key in saved
+    assert all(np.isfinite(res[k]) for k in ("fd", "fd_floor", "fd_ceiling", "kid", "precision", "recall"))
+    assert list(data.glob("features-*.npz"))  # reference stats cached
