@@ -76,7 +76,8 @@ def test_generate_single_and_random_labels(saved, tmp_path):
 
 def test_python_dash_m_and_models_listing():
     r = subprocess.run([sys.executable, "-m", "freqar", "models"], capture_output=True, text=True, check=True)
-    assert "var-d16" in r.stdout and "var-d36" in r.stdout
+    for name in ("var-d16", "var-d36", "infinity-2b", "far-b", "hart-0.7b"):
+        assert name in r.stdout
 
 
 def test_official_pth_loading(tmp_path):

@@ -204,3 +204,43 @@ def load_official_weights(
     if var_path is not None:
         pipe.transformer.load_official(load_torch_file(var_path), str(var_path))
     pipe.eval()
+
+
+@dataclass(frozen=True)
+class CatalogueEntry:
+    """One row of ``freqar models``: any family's preset, with where its official files come from."""
+
+    name: str
+    family: str
+    image_size: int
+    description: str
+    source: str = ""
+
+
+def catalogue(pattern: str = "*") -> list[CatalogueEntry]:
+    """Every preset of every family, matching a shell-style wildcard (families import lazily)."""
+    from .models.far_pipeline import far_presets
+    from .models.hart_pipeline import hart_presets
+    from .models.infinity_pipeline import get_infinity_spec, infinity_presets
+
+    rows: list[CatalogueEntry] = []
+    for n in list_models(pattern):
+        s = get_spec(n)
+        src = f"{s.hub_repo}: {', '.join(s.files.values())}" if s.hub_repo else ""
+        rows.append(CatalogueEntry(n, s.family, s.image_size, s.description, src))
+    for n in sorted(infinity_presets()):
+        if fnmatch.fnmatch(n, pattern):
+            s = get_infinity_spec(n)
+            src = f"{s.hub_repo}: {', '.join(s.files.values())}" if s.hub_repo else ""
+            rows.append(CatalogueEntry(n, "infinity", s.image_size, s.description, src))
+    for n, fs in far_presets().items():
+        if fnmatch.fnmatch(n, pattern):
+            src = "; ".join(fs.files.values())
+            rows.append(CatalogueEntry(n, "far", fs.vae.resolution, fs.description, src))
+    for n, make in hart_presets().items():
+        if fnmatch.fnmatch(n, pattern):
+            hs = make()
+            size = hs.tokenizer.patch_nums[-1] * hs.tokenizer.downsample
+            src = "mit-han-lab/hart-0.7b-1024px (llm/, tokenizer/)" if n == "hart-0.7b" else ""
+            rows.append(CatalogueEntry(n, "hart", size, hs.description, src))
+    return rows
