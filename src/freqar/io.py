@@ -138,3 +138,15 @@ def _abbrev(items: list[str], n: int = 6) -> str:
     shown = ", ".join(items[:n])
     more = f", ... ({len(items) - n} more)" if len(items) > n else ""
     return f"[{shown}{more}]"
+
+
+def save_model_dir(
+    directory: str | os.PathLike[str], config: dict[str, Any], parts: dict[str, torch.nn.Module]
+) -> Path:
+    """freqar's model format: ``config.json`` + one ``model.safetensors`` with keys ``<part>.<param>``."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{prefix}.{k}": v for prefix, m in parts.items() for k, v in m.state_dict().items()}
+    save_safetensors(out / "model.safetensors", tensors)
+    write_json(out / "config.json", config)
+    return out

@@ -14,7 +14,7 @@ from .engine.guidance import Guidance
 from .engine.sampling import SamplerConfig
 from .errors import CheckpointMismatch, InvalidOption
 from .interfaces import TokenPolicy
-from .io import load_safetensors, load_state_dict_strict, read_json, save_safetensors, write_json
+from .io import load_safetensors, load_state_dict_strict, read_json, save_model_dir
 from .models.var import VARConfig, VARTransformer
 from .tokenizers.msvq import VQVAE, MSVQConfig
 
@@ -135,13 +135,7 @@ class Pipeline:
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``config.json`` and ``model.safetensors`` (keys ``vae.*`` and ``var.*``) atomically."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {f"vae.{k}": v for k, v in self.tokenizer.state_dict().items()}
-        tensors.update({f"var.{k}": v for k, v in self.transformer.state_dict().items()})
-        save_safetensors(out / "model.safetensors", tensors)
-        write_json(out / "config.json", self.config_dict())
-        return out
+        return save_model_dir(directory, self.config_dict(), {"vae": self.tokenizer, "var": self.transformer})
 
 
 def build_pipeline(

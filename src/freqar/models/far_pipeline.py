@@ -14,7 +14,7 @@ from ..engine.diffusion_head import DiffusionHead, DiffusionSamplerConfig, far_g
 from ..engine.generate import GenerationOutput, StageInfo, generate
 from ..errors import CheckpointMismatch, InvalidOption
 from ..interfaces import TokenPolicy
-from ..io import load_safetensors, load_state_dict_strict, read_json, save_safetensors, write_json
+from ..io import load_safetensors, load_state_dict_strict, read_json, save_model_dir
 from ..tokenizers.frequency import FrequencyTokenizer, validate_levels
 from ..tokenizers.kl import AutoencoderKL, KLConfig
 from .far import FARConfig, FARTransformer
@@ -160,13 +160,7 @@ class FARPipeline:
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``config.json`` and ``model.safetensors`` (keys ``vae.*`` and ``far.*``) atomically."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {f"vae.{k}": v for k, v in self.vae.state_dict().items()}
-        tensors.update({f"far.{k}": v for k, v in self.transformer.state_dict().items()})
-        save_safetensors(out / "model.safetensors", tensors)
-        write_json(out / "config.json", self.config_dict())
-        return out
+        return save_model_dir(directory, self.config_dict(), {"vae": self.vae, "far": self.transformer})
 
 
 def build_far_pipeline(
