@@ -1,0 +1,40 @@
+"""Copy a trained VAR run into the package as the bundled ``emoji`` model and draw its README grid.
+
+Usage: python scripts/ship_emoji_default.py RUN_DIR [--cfg 3.0 --top-k 0 --top-p 0.0] [--grid docs/x.png]
+RUN_DIR is a `freqar train var` folder (its ``model/`` export is used).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from freqar.pipeline import SamplingDefaults, load_pipeline_dir
+from freqar.train.samples import class_grid
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run_dir")
+    ap.add_argument("--dest", default="src/freqar/assets/emoji-default")
+    ap.add_argument("--cfg", type=float, default=3.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=0.0)
+    ap.add_argument("--grid", default="docs/emoji_default_samples.png")
+    ap.add_argument("--per-class", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    pipe = load_pipeline_dir(Path(args.run_dir) / "model")
+    pipe.name = "emoji"
+    pipe.defaults = SamplingDefaults(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
+    dest = pipe.save(args.dest)
+    size = sum(p.stat().st_size for p in dest.iterdir()) / 2**20
+    print(f"saved {dest} ({size:.1f} MiB)")
+    if args.grid:
+        Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
+        class_grid(pipe, per_class=args.per_class, seed=args.seed).save(args.grid)
+        print(f"wrote {args.grid}")
+
+
+if __name__ == "__main__":
+    main()
