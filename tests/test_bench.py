@@ -7,7 +7,18 @@ import json
 import pytest
 import torch
 
-from freqar.bench import get_scenario, plan_settings, psnr, run_bench, ssim, transformer_flops, write_report
+from freqar.bench import (
+    Setting,
+    get_scenario,
+    hart_flops,
+    infinity_flops,
+    plan_settings,
+    psnr,
+    run_bench,
+    ssim,
+    transformer_flops,
+    write_report,
+)
 from freqar.cli import main
 from freqar.errors import InvalidOption
 from freqar.models.var import VARConfig
@@ -50,6 +61,52 @@ def test_bench_tiny_writes_json_md_png(tmp_path) -> None:
     assert budget["ideal_speedup"] > 1 and budget["tokens_computed_fraction"] < 1
     assert data["results"][0]["psnr_db"] is None  # dense vs itself: identical (infinite PSNR)
     assert "| sparsevar | sparsevar keep=0.3 |" in (tmp_path / "b" / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["infinity-tiny", "hart-tiny"])
+def test_bench_infinity_and_hart_tiny(tmp_path, name) -> None:
+    report = run_bench(
+        get_scenario(name), methods=["dense", "sparsevar"], taus=[], budgets=[0.5], runs=1, warmup=0
+    )
+    write_report(report, tmp_path, plot=False)
+    data = json.loads((tmp_path / "bench.json").read_text())
+    rows = {r["setting"]: r for r in data["results"]}
+    for r in rows.values():
+        assert FIELDS | {"kv_cache_mb", "kv_cache_allocated_mb", "peak_memory_delta_mb", "flops"} <= set(r)
+    assert rows["sparsevar tau=0 (disabled)"]["bit_identical_to_dense"] is True
+    dense = rows["dense"]
+    budgets = [r for r in rows.values() if r["mode"] == "budget"]
+    assert len(budgets) == (3 if name == "hart-tiny" else 1)  # HART: skip / anchor / cond
+    for r in budgets:
+        assert r["ideal_speedup"] > 1 and 0 < r["kv_cache_mb"] < dense["kv_cache_mb"]
+    if name == "hart-tiny":
+        assert {r["options"]["excluded"] for r in budgets} == {"skip", "anchor", "cond"}
+        assert all("diffusion_head_seconds" in r for r in rows.values())
+        cond = next(r for r in budgets if r["options"]["excluded"] == "cond")
+        skip = next(r for r in budgets if r["options"]["excluded"] == "skip")
+        assert cond["ideal_speedup"] < skip["ideal_speedup"]  # cond runs the head on every token
+    assert "| sparsevar |" in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["infinity-tiny", "hart-tiny"])
+def test_flop_model_matches_counted_matmuls(name) -> None:
+    """The FLOP model without the attention products equals the counted linear FLOPs of a dense run (decode
+    excluded): cross-attention, the bitwise head and the diffusion head's MLP are all in it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sc = get_scenario(name)
+    runner = sc.runner("cpu", 1, 0)
+    dense = Setting("dense", "dense", mode="dense")
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        out, _, _ = runner.generate(dense, 0, None)
+    counts = fc.get_flop_counts()["Global"]
+    counted = sum(v for k, v in counts.items() if str(k) in ("aten.addmm", "aten.mm"))
+    tokens = [float(h * w) for h, w in out.grids]
+    if name == "infinity-tiny":
+        model = infinity_flops(sc.config(), tokens, 2, sc.text_len, attention=False)
+    else:
+        model = hart_flops(sc.config(), tokens, 2, tokens[-1], attention=False)
+    assert abs(model / counted - 1) < 0.03
 
 
 def test_flop_model_and_fidelity_metrics() -> None:

@@ -8,10 +8,13 @@ transformer part of generation (stages, policy, sampling, tokenizer updates), no
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import platform
 import resource
 import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,11 +23,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .engine.generate import GenerationOutput, generate
+from .engine.heads import BitwiseHead
 from .errors import InvalidOption
 from .io import atomic_write, write_json
+from .models.hart import EXCLUDED_OPTIONS, HARTConfig, HARTHead, TextFeatures
+from .models.infinity import Infinity, InfinityConfig, schedule_for
 from .models.var import VARConfig
 from .pipeline import Pipeline, SamplingDefaults, build_pipeline
 from .policies import make_policy
+from .tokenizers.bsq import BSQVAE, BSQConfig
+from .tokenizers.hybrid import HART_1024
 from .tokenizers.msvq import MSVQConfig
 
 INFINITY_1024 = (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)
@@ -50,6 +59,10 @@ class Scenario:
     cfg: float = 4.0
     top_k: int = 900
     top_p: float = 0.95
+    family: str = "var"
+
+    def runner(self, device: str, batch: int, seed: int) -> _VARRunner:
+        return _VARRunner(self, device, batch, seed)
 
     def build(self) -> Pipeline:
         vae = MSVQConfig(
@@ -73,9 +86,98 @@ class Scenario:
         return build_pipeline(self.name, vae, var, defaults, init_seed=0)
 
 
-def scenarios() -> dict[str, Scenario]:
+@dataclass(frozen=True)
+class InfinityScenario:
+    """Infinity layers (cosine self-attention with 2-D RoPE, text cross-attention, bitwise head) with random
+    weights on an aspect template, conditioned on random text features of a fixed length, CFG on logits."""
+
+    name: str
+    description: str
+    depth: int = 1
+    full_depth: int = 32
+    embed_dim: int = 2048
+    num_heads: int = 16
+    codebook_dim: int = 32
+    text_channels: int = 2048
+    text_len: int = 64
+    h_div_w: float = 1.0
+    resolution: str = "1M"
+    vae_ch: int = 24
+    vae_ch_mult: tuple[int, ...] = (1, 1, 1, 1, 1)
+    vae_res_blocks: int = 1
+    cfg: float = 3.0
+    tau: float = 0.5
+    top_k: int = 900
+    top_p: float = 0.97
+    family: str = "infinity"
+
+    @property
+    def patch_nums(self) -> tuple[int, ...]:
+        return tuple(h for h, _ in schedule_for(self.h_div_w, self.resolution)[0])
+
+    def config(self, depth: int | None = None) -> InfinityConfig:
+        return InfinityConfig(
+            depth=depth or self.depth,
+            embed_dim=self.embed_dim,
+            num_heads=self.num_heads,
+            block_chunks=1,
+            text_channels=self.text_channels,
+            codebook_dim=self.codebook_dim,
+        )
+
+    def runner(self, device: str, batch: int, seed: int) -> _InfinityRunner:
+        return _InfinityRunner(self, device, batch, seed)
+
+
+@dataclass(frozen=True)
+class HARTScenario:
+    """HART layers (Llama blocks, text prefix, codebook head) plus the residual diffusion MLP at the last
+    scale, random weights, random text features; every sparse setting runs once per excluded-token option."""
+
+    name: str
+    description: str
+    depth: int = 2
+    full_depth: int = 16
+    embed_dim: int = 1536
+    num_heads: int = 24
+    context_token: int = 300
+    context_dim: int = 1536
+    text_len: int = 32
+    patch_nums: tuple[int, ...] = HART_1024
+    vocab_size: int = 4096
+    z_channels: int = 32
+    diff_width: int = 1024
+    diff_depth: int = 6
+    sampling_steps: str = "8"
+    vae_ch: int = 16
+    vae_ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    vae_groups: int = 8
+    cfg: float = 4.5
+    excluded: tuple[str, ...] = EXCLUDED_OPTIONS
+    family: str = "hart"
+
+    def config(self, depth: int | None = None) -> HARTConfig:
+        return HARTConfig(
+            context_token=self.context_token,
+            context_dim=self.context_dim,
+            depth=depth or self.depth,
+            embed_dim=self.embed_dim,
+            num_heads=self.num_heads,
+            diff_width=self.diff_width,
+            diff_depth=self.diff_depth,
+            num_sampling_steps=self.sampling_steps,
+            patch_nums=self.patch_nums,
+            vocab_size=self.vocab_size,
+            z_channels=self.z_channels,
+        )
+
+    def runner(self, device: str, batch: int, seed: int) -> _HARTRunner:
+        return _HARTRunner(self, device, batch, seed)
+
+
+def scenarios() -> dict[str, Scenario | InfinityScenario | HARTScenario]:
     """Registered benchmark scenarios by name."""
-    items = [
+    items: list[Scenario | InfinityScenario | HARTScenario] = [
         Scenario(
             "var-d16",
             "VAR-d16 architecture (16 blocks, width 1024), 256px 10-scale schedule, official tokenizer shape",
@@ -111,11 +213,55 @@ def scenarios() -> dict[str, Scenario]:
             top_k=0,
             top_p=0.0,
         ),
+        InfinityScenario(
+            "infinity-2b",
+            "Infinity-2B layers (width 2048, 16 heads, text cross-attention, bitwise head d=32), 1M 1:1 "
+            "template (13 scales to 64x64), 64 random text tokens, CFG 3 on logits; DEPTH CUT to 1 of 32 "
+            "blocks (speed-up per layer; full-depth estimate reported), small random BSQ decoder",
+        ),
+        InfinityScenario(
+            "infinity-tiny",
+            "tiny Infinity smoke scenario (2 blocks, width 64, d=8, 0.06M: 7 scales to 16x16) for tests",
+            depth=2,
+            full_depth=2,
+            embed_dim=64,
+            num_heads=4,
+            codebook_dim=8,
+            text_channels=128,
+            text_len=8,
+            resolution="0.06M",
+            vae_ch_mult=(1, 2, 1),
+        ),
+        HARTScenario(
+            "hart-1024",
+            "HART-0.7B layers (width 1536, 24 heads, 300 text tokens), 1024px 14-scale schedule, residual "
+            "diffusion MLP (1024 x 6, 8 steps) in the timing; DEPTH CUT to 2 of 16 blocks (full-depth "
+            "estimate reported), small random VQ decoder",
+        ),
+        HARTScenario(
+            "hart-tiny",
+            "tiny HART smoke scenario (2 blocks, width 64, 6 scales to 8x8, diffusion MLP 32 x 1) for tests",
+            full_depth=2,
+            embed_dim=64,
+            num_heads=2,
+            context_token=16,
+            context_dim=32,
+            text_len=6,
+            patch_nums=(1, 2, 3, 4, 6, 8),
+            vocab_size=640,
+            z_channels=8,
+            diff_width=32,
+            diff_depth=1,
+            sampling_steps="4",
+            vae_ch=32,
+            vae_ch_mult=(1, 1, 2),
+            cfg=4.5,
+        ),
     ]
     return {s.name: s for s in items}
 
 
-def get_scenario(name: str) -> Scenario:
+def get_scenario(name: str) -> Scenario | InfinityScenario | HARTScenario:
     reg = scenarios()
     if name not in reg:
         raise InvalidOption(f"unknown scenario '{name}' (run `freqar bench --list`: {', '.join(reg)})")
@@ -134,6 +280,65 @@ def transformer_flops(cfg: VARConfig, tokens_per_stage: list[float], rows: int) 
     for n in tokens_per_stage:
         keys += n
         total += cfg.depth * (24 * d * d * n + 4 * d * n * keys) + 2 * d * V * n
+    return total * rows
+
+
+def infinity_flops(
+    cfg: InfinityConfig, tokens_per_stage: list[float], rows: int, text_len: int, attention: bool = True
+) -> float:
+    """FLOPs of the Infinity transformer (one sample, ``rows`` CFG rows), d = width, F = FFN width, T = text.
+
+    Per block and stage of n computed tokens with K keys in the self-attention cache: self-attention
+    8·d²·n (qkv, proj) + 4·d·n·K; cross-attention 4·d²·n (q, proj) + 4·d·n·T, plus 4·T·d² for the text
+    keys/values, which every block recomputes at every stage whatever n is; FFN 4·d·F·n. Bitwise head
+    2·d·(2·bits)·n. Once per call: the text projection for cross-attention and the pooling keys/values.
+    ``attention`` False leaves out the score/value products (4·d·n·K, 4·d·n·T): the matmul part alone.
+    """
+    d, Fh, V, T, Ct = cfg.embed_dim, cfg.ffn_hidden, cfg.vocab, text_len, cfg.text_channels
+    total, keys = 0.0, 0.0
+    for n in tokens_per_stage:
+        keys += n
+        block = (12 * d * d + 4 * d * Fh) * n + attention * 4 * d * n * (keys + T) + 4 * T * d * d
+        total += cfg.depth * block + 2 * d * V * n
+    total += 2 * T * (Ct * d + d * d) + 2 * T * Ct * 2 * d
+    return total * rows
+
+
+def diffusion_token_flops(cfg: HARTConfig) -> float:
+    """FLOPs of HART's residual head for one token row over all sampling steps (W = MLP width, D = depth):
+    per step input 2·C·W, time MLP 2·256·W + 2·W², condition 2·d·W, D res blocks of 10·W², final 4·W² +
+    4·W·C; once, the condition decoder_norm(h + word_embed(code)) 2·C·d."""
+    dm = cfg.diffusion
+    W, C, d = dm.width, dm.token_channels, cfg.embed_dim
+    step = 2 * C * W + 2 * dm.frequency_embedding_size * W + 2 * W * W + 2 * d * W
+    step += dm.depth * 10 * W * W + 4 * W * W + 4 * W * C
+    return _respaced_steps(cfg) * step + 2 * C * d
+
+
+def _respaced_steps(cfg: HARTConfig) -> int:
+    from .diffusion import space_timesteps
+
+    return len(space_timesteps(cfg.diffusion_steps, cfg.num_sampling_steps))
+
+
+def hart_flops(
+    cfg: HARTConfig, tokens_per_stage: list[float], rows: int, head_tokens: float, attention: bool = True
+) -> float:
+    """FLOPs of HART (one sample, ``rows`` CFG rows): transformer, codebook head and residual diffusion head.
+
+    Per block and stage: 8·d²·m (qkv, proj) + 6·d·F·m (SwiGLU) + 4·d·m·K, with m = the computed tokens
+    (stage 0: the whole text prefix) and K the keys cached so far; head 2·d·V per computed token (stage 0:
+    the last text position only); ``head_tokens`` last-scale tokens run the diffusion MLP (all 2·N CFG rows).
+    ``attention`` False leaves out the score/value products 4·d·m·K.
+    """
+    d, Fh, V, T = cfg.embed_dim, cfg.ffn_hidden, cfg.vocab_size, cfg.context_token
+    total, keys = 0.0, 0.0
+    for k, n in enumerate(tokens_per_stage):
+        m = T if k == 0 else n
+        keys += m
+        total += cfg.depth * ((8 * d * d + 6 * d * Fh) * m + attention * 4 * d * m * keys)
+        total += 2 * d * V * (1 if k == 0 else n)
+    total += head_tokens * diffusion_token_flops(cfg)
     return total * rows
 
 
@@ -206,14 +411,193 @@ class TimedPolicy:
         return self.inner.stats(state)
 
 
+class _Probe:
+    """Stands in for an engine transformer: keeps the call's KV cache (for its size) and times ``step``
+    (the blocks), everything else passes through."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.cache: Any = None
+        self.step_seconds = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def new_cache(self, rows: int, dtype: torch.dtype, device: Any) -> Any:
+        self.cache = self.inner.new_cache(rows, dtype, device)
+        return self.cache
+
+    def step(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        _sync(x.device)
+        t0 = time.perf_counter()
+        out = self.inner.step(x, *args, **kwargs)
+        _sync(x.device)
+        self.step_seconds += time.perf_counter() - t0
+        return out
+
+    def kv_bytes(self) -> tuple[int, int]:
+        """(bytes of keys/values the cache holds at the end, bytes it allocated)."""
+        c = self.cache
+        if c is None:
+            return 0, 0
+        alloc = sum(t.element_size() * t.numel() for t in c.k + c.v)
+        return alloc * c.length // c.max_len, alloc
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _TimedHARTHead(HARTHead):
+    """HART's head that also times its residual diffusion (the per-token MLP over all sampling steps)."""
+
+    head_seconds = 0.0
+
+    def last_scale_residual(self, idx_Bl: torch.Tensor, stage: int, num_stages: int) -> Any:
+        _sync(idx_Bl.device)
+        t0 = time.perf_counter()
+        out = super().last_scale_residual(idx_Bl, stage, num_stages)
+        _sync(idx_Bl.device)
+        self.head_seconds += time.perf_counter() - t0
+        return out
+
+
+class _VARRunner:
+    """Class-conditional VAR generation with random labels."""
+
+    def __init__(self, sc: Scenario, device: str, batch: int, seed: int) -> None:
+        self.pipe = sc.build().to(device)
+        self.device = self.pipe.device
+        self.labels = torch.randint(
+            0, self.pipe.num_classes, (batch,), generator=torch.Generator().manual_seed(seed)
+        ).tolist()
+        self.cfg = self.pipe.transformer.cfg
+        self.rows = 2 if sc.cfg > 0 else 1
+        self.depth = self.full_depth = self.cfg.depth
+
+    def generate(self, s: Setting, seed: int, policy: Any) -> tuple[GenerationOutput, _Probe, float]:
+        probe = _Probe(self.pipe.transformer)
+        self.pipe.transformer = probe  # type: ignore[assignment]
+        try:
+            out = self.pipe.generate(self.labels, seed=seed, policy=policy)
+        finally:
+            self.pipe.transformer = probe.inner
+        return out, probe, 0.0
+
+    def flops(self, s: Setting, per_stage: list[float], depth: int | None = None) -> float:
+        return transformer_flops(self.cfg, per_stage, self.rows)
+
+
+class _InfinityRunner:
+    """Infinity generation (as ``InfinityPipeline.generate``: constant CFG and tau on logits) from fixed
+    random text features, so the bench can hold the bound transformer and its cache."""
+
+    def __init__(self, sc: InfinityScenario, device: str, batch: int, seed: int) -> None:
+        grids, ref = schedule_for(sc.h_div_w, sc.resolution)
+        mult = sc.vae_ch_mult
+        vae_cfg = BSQConfig(
+            codebook_dim=sc.codebook_dim,
+            base_ch=sc.vae_ch,
+            encoder_ch_mult=mult,
+            decoder_ch_mult=mult,
+            num_res_blocks=sc.vae_res_blocks,
+            patch_size=2 ** (len(mult) - 1),
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.vae = BSQVAE(vae_cfg).eval().to(device)
+            self.model = Infinity(sc.config()).eval().to(device)
+        self.sc = sc
+        self.device = next(self.model.parameters()).device
+        self.run = self.model.bind(grids, ref)
+        self.stages = self.vae.stages(grids)
+        g = torch.Generator().manual_seed(seed)
+        self.feats = torch.randn(batch, sc.text_len, sc.text_channels, generator=g).to(self.device)
+        self.lens = torch.full((batch,), sc.text_len, dtype=torch.long)
+        self.labels = None
+        self.rows = 2 if sc.cfg != 1 else 1
+        self.depth, self.full_depth = sc.depth, sc.full_depth
+
+    @torch.no_grad()
+    def generate(self, s: Setting, seed: int, policy: Any) -> tuple[GenerationOutput, _Probe, float]:
+        sc, S = self.sc, len(self.run.schedule)
+        probe = _Probe(self.run)
+        cfg_l = [sc.cfg] * S
+        cond = self.model.condition_text(self.feats, self.lens, guided=self.rows == 2, cfg=tuple(cfg_l))
+        head = BitwiseHead(probe, cfg_l, [sc.tau] * S, top_k=sc.top_k, top_p=sc.top_p)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        out = generate(probe, self.stages, condition=cond, head=head, policy=policy, generator=gen)
+        return out, probe, 0.0
+
+    def flops(self, s: Setting, per_stage: list[float], depth: int | None = None) -> float:
+        return infinity_flops(self.sc.config(depth), per_stage, self.rows, self.sc.text_len)
+
+
+class _HARTRunner:
+    """HART generation through ``HARTPipeline.generate`` from fixed random text features (``text_len`` real
+    tokens, the rest padding as upstream pads to ``context_token``)."""
+
+    def __init__(self, sc: HARTScenario, device: str, batch: int, seed: int) -> None:
+        from .models.hart_pipeline import HARTSpec, build_hart_pipeline
+
+        tok = MSVQConfig(
+            vocab_size=sc.vocab_size,
+            z_channels=sc.z_channels,
+            ch=sc.vae_ch,
+            ch_mult=sc.vae_ch_mult,
+            patch_nums=sc.patch_nums,
+            groupnorm_groups=sc.vae_groups,
+        )
+        with torch.random.fork_rng(devices=[]):
+            self.pipe = build_hart_pipeline(HARTSpec(sc.name, sc.description, tok, sc.config())).to(device)
+        self.sc = sc
+        self.device = self.pipe.device
+        g = torch.Generator().manual_seed(seed)
+        feats = torch.randn(batch, sc.context_token, sc.context_dim, generator=g)
+        mask = (torch.arange(sc.context_token) < sc.text_len).long().expand(batch, -1).clone()
+        self.text = TextFeatures(feats, mask).to(self.device)
+        self.labels = None
+        self.rows = 2 if sc.cfg > 0 else 1
+        self.depth, self.full_depth = sc.depth, sc.full_depth
+
+    def generate(self, s: Setting, seed: int, policy: Any) -> tuple[GenerationOutput, _Probe, float]:
+        probe = _Probe(self.pipe.transformer)
+        heads: list[_TimedHARTHead] = []
+
+        def factory(*args: Any, **kwargs: Any) -> _TimedHARTHead:
+            heads.append(_TimedHARTHead(*args, **kwargs))
+            return heads[-1]
+
+        self.pipe.transformer = probe  # type: ignore[assignment]
+        try:
+            out = self.pipe.generate(
+                text=self.text,
+                seed=seed,
+                cfg=self.sc.cfg,
+                excluded=s.options.get("excluded", "skip"),
+                policy=policy,
+                head_factory=factory,
+            )
+        finally:
+            self.pipe.transformer = probe.inner
+        return out, probe, heads[0].head_seconds
+
+    def flops(self, s: Setting, per_stage: list[float], depth: int | None = None) -> float:
+        l = self.sc.patch_nums[-1] ** 2
+        head_tokens = l if s.options.get("excluded") == "cond" else per_stage[-1]
+        return hart_flops(self.sc.config(depth), per_stage, self.rows, head_tokens)
+
+
 @dataclass
 class Setting:
-    """One method at one setting of its knobs."""
+    """One method at one setting of its knobs (``options``: family-level options, e.g. HART's excluded)."""
 
     method: str
     label: str
     knobs: dict[str, Any] = field(default_factory=dict)
     mode: str = "default"  # "dense", "disabled", "threshold", "budget" or "default"
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 def plan_settings(methods: list[str], taus: list[float], budgets: list[float]) -> list[Setting]:
@@ -239,15 +623,72 @@ def plan_settings(methods: list[str], taus: list[float], budgets: list[float]) -
     return out
 
 
-def _peak_mb(device: torch.device) -> tuple[float, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss_kb / 1024, "process_peak_rss"
+def expand_excluded(settings: list[Setting], options: tuple[str, ...]) -> list[Setting]:
+    """Every sparse setting once per excluded-token option (HART); dense and the disabled check once."""
+    out = []
+    for s in settings:
+        if s.mode in ("dense", "disabled"):
+            out.append(s)
+            continue
+        out += [Setting(s.method, f"{s.label} [{o}]", s.knobs, s.mode, {"excluded": o}) for o in options]
+    return out
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _PeakMemory:
+    """Peak memory of one run: CUDA's max allocated, or on CPU the process RSS sampled every 5 ms from a
+    helper thread (freed heap trimmed first, so the previous run's peak does not carry over)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "run_peak_rss_sampled"
+        self.base = self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        base = _rss_bytes()
+        if base is None:
+            self.kind = "process_peak_rss"
+            return self
+        self.base = self.peak = base
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss_bytes() or 0)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, _rss_bytes() or 0)
+        else:
+            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_bench(
-    scenario: Scenario,
+    scenario: Scenario | InfinityScenario | HARTScenario,
     *,
     methods: list[str],
     taus: list[float],
@@ -270,37 +711,41 @@ def run_bench(
             raise InvalidOption(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     settings = plan_settings(methods, taus, budgets)
-    pipe = scenario.build().to(device)
-    dev = pipe.device
-    labels = torch.randint(
-        0, pipe.num_classes, (batch,), generator=torch.Generator().manual_seed(seed)
-    ).tolist()
-    cfg = pipe.transformer.cfg
-    rows = 2 if scenario.cfg > 0 else 1
+    if isinstance(scenario, HARTScenario):
+        settings = expand_excluded(settings, scenario.excluded)
+    runner = scenario.runner(device, batch, seed)
+    dev = runner.device
     S = len(scenario.patch_nums)
 
-    def once(s: Setting) -> tuple[Any, float]:
+    def once(s: Setting) -> tuple[Any, _Probe, float, float]:
         pol = None if s.method == "dense" else TimedPolicy(make_policy(s.method, **s.knobs), dev)
-        out = pipe.generate(labels, seed=seed, policy=pol)
-        return out, (pol.seconds if pol is not None else 0.0)
+        out, probe, head_s = runner.generate(s, seed, pol)
+        return out, probe, head_s, (pol.seconds if pol is not None else 0.0)
 
     for _ in range(warmup):
         once(settings[0])
-    lat: dict[int, list[float]] = {i: [] for i in range(len(settings))}
-    stage_lat: dict[int, list[list[float]]] = {i: [] for i in range(len(settings))}
-    over: dict[int, list[float]] = {i: [] for i in range(len(settings))}
+    n_set = range(len(settings))
+    lat: dict[int, list[float]] = {i: [] for i in n_set}
+    stage_lat: dict[int, list[list[float]]] = {i: [] for i in n_set}
+    over: dict[int, list[float]] = {i: [] for i in n_set}
+    step_s: dict[int, list[float]] = {i: [] for i in n_set}
+    head_s: dict[int, list[float]] = {i: [] for i in n_set}
     last: dict[int, Any] = {}
-    peaks: dict[int, float] = {}
+    kv: dict[int, tuple[int, int]] = {}
+    peaks: dict[int, tuple[float, float]] = {}
     mem_kind = ""
     for r in range(runs):
         for i, s in enumerate(settings):
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dev)
-            out, ov = once(s)
+            with _PeakMemory(dev) as mem:
+                out, probe, hs, ov = once(s)
             lat[i].append(out.transformer_seconds)
             stage_lat[i].append(out.stage_seconds)
             over[i].append(ov)
-            peaks[i], mem_kind = _peak_mb(dev)
+            step_s[i].append(probe.step_seconds)
+            head_s[i].append(hs)
+            peaks[i] = (mem.peak / 2**20, (mem.peak - mem.base) / 2**20)
+            mem_kind = mem.kind
+            kv[i] = probe.kv_bytes()
             if r == runs - 1:
                 last[i] = out
             if log is not None:
@@ -308,15 +753,24 @@ def run_bench(
 
     dense_out = last[0]
     dense_med = statistics.median(lat[0])
-    grids = [p * p for p in scenario.patch_nums]
+    grids = [h * w for h, w in dense_out.grids]
     P = max(1, S - 4)
-    dense_flops = transformer_flops(cfg, [float(g) for g in grids], rows)
+    full = runner.full_depth
+    cut = full != runner.depth
+    dense_flops = runner.flops(settings[0], [float(g) for g in grids])
+    dense_flops_full = runner.flops(settings[0], [float(g) for g in grids], full)
+
+    def full_depth_latency(i: int) -> float:
+        """Latency with the blocks' time scaled from the cut depth to the full one (the rest unchanged)."""
+        blocks = statistics.median(step_s[i])
+        return statistics.median(lat[i]) + blocks * (full / runner.depth - 1)
+
     results = []
     for i, s in enumerate(settings):
         out = last[i]
         per_stage = [sum(c) / len(c) for c in out.tokens_computed]  # mean over samples
         med = statistics.median(lat[i])
-        flops = transformer_flops(cfg, per_stage, rows)
+        flops = runner.flops(s, per_stage)
         speed = dense_med / med
         ideal = dense_flops / flops
         row: dict[str, Any] = {
@@ -324,22 +778,37 @@ def run_bench(
             "setting": s.label,
             "mode": s.mode,
             "knobs": s.knobs,
+            "options": s.options,
             "latency_median_s": med,
             "latency_runs_s": lat[i],
             "speedup_vs_dense": speed,
             "ideal_speedup": ideal,
             "efficiency": speed / ideal,
+            "flops": flops,
             "tokens_computed_fraction": sum(per_stage) / sum(grids),
             "tokens_computed_fraction_sparse_stages": sum(per_stage[P:]) / sum(grids[P:]),
             "stage_latency_median_s": [statistics.median(x) for x in zip(*stage_lat[i], strict=True)],
             "stage_tokens": per_stage,
-            "peak_memory_mb": peaks[i],
+            "blocks_seconds": statistics.median(step_s[i]),
+            "peak_memory_mb": peaks[i][0],
+            "peak_memory_delta_mb": peaks[i][1],
+            "kv_cache_mb": kv[i][0] / 2**20,
+            "kv_cache_allocated_mb": kv[i][1] / 2**20,
             "selection_overhead_s": statistics.median(over[i]),
             "selection_overhead_fraction_of_dense": statistics.median(over[i]) / dense_med,
             "psnr_db": _finite(psnr(out.images, dense_out.images)),
             "ssim": ssim(out.images, dense_out.images),
             "token_agreement": token_agreement(out.tokens, dense_out.tokens),
         }
+        if isinstance(scenario, HARTScenario):
+            row["diffusion_head_seconds"] = statistics.median(head_s[i])
+        if cut:
+            speed_full = full_depth_latency(0) / full_depth_latency(i)
+            ideal_full = dense_flops_full / runner.flops(s, per_stage, full)
+            row["latency_full_depth_est_s"] = full_depth_latency(i)
+            row["speedup_full_depth_est"] = speed_full
+            row["ideal_speedup_full_depth"] = ideal_full
+            row["efficiency_full_depth_est"] = speed_full / ideal_full
         if s.mode == "disabled":
             row["bit_identical_to_dense"] = bool(torch.equal(out.images, dense_out.images)) and all(
                 torch.equal(a, b) for a, b in zip(out.tokens, dense_out.tokens, strict=True)
@@ -347,13 +816,16 @@ def run_bench(
             row["latency_delta_vs_dense"] = med / dense_med - 1.0
         results.append(row)
     return {
-        "scenario": asdict(scenario),
+        "scenario": {**asdict(scenario), "patch_nums": list(scenario.patch_nums)},
+        "family": scenario.family,
+        "depth": runner.depth,
+        "full_depth": full,
         "sparse_start_stage": P,
         "runs": runs,
         "warmup": warmup,
         "seed": seed,
         "batch": batch,
-        "labels": labels,
+        "labels": runner.labels,
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -361,6 +833,7 @@ def run_bench(
         "cpu_count": os.cpu_count(),
         "peak_memory_kind": mem_kind,
         "dense_flops": dense_flops,
+        "dense_flops_full_depth": dense_flops_full,
         "results": results,
     }
 
@@ -378,27 +851,58 @@ def _fmt(x: float | None, nd: int = 2) -> str:
 def markdown_table(report: dict) -> str:
     """The bench results as a Markdown table (one row per method setting)."""
     sc = report["scenario"]
+    cut = "full_depth" in report and report["full_depth"] != report.get("depth", report["full_depth"])
+    hart = report.get("family") == "hart"
     lines = [
         f"### `{sc['name']}`: {sc['description']}",
         "",
         f"{report['runs']} runs (median), batch {report['batch']}, device {report['device']}, "
         f"{report['threads']} thread(s), torch {report['torch']}; "
         f"sparse stages >= {report['sparse_start_stage']} (0-based). "
-        "Latency = transformer part (stages + policy + sampling), decode excluded.",
+        "Latency = transformer part (stages + policy + sampling"
+        + (" + residual diffusion head" if hart else "")
+        + "), decode excluded. KV = keys/values the cache holds at the end; peak = "
+        + f"{report.get('peak_memory_kind', '')} during the run.",
         "",
-        "| method | setting | latency (s) | speed-up | ideal | efficiency | tokens | sparse-stage tokens "
-        "| overhead | PSNR (dB) | SSIM | token agree |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    head = (
+        "| method | setting | latency (s) | speed-up | ideal | efficiency | tokens | sparse-stage tokens "
+        "| overhead | KV (MB) | peak mem (MB) | PSNR (dB) | SSIM | token agree |"
+    )
+    sep = "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    if hart:
+        head += " head (s) |"
+        sep += "---|"
+    if cut:
+        D = report["full_depth"]
+        head += f" est. speed-up @{D} | ideal @{D} | eff. @{D} |"
+        sep += "---|---|---|"
+    lines += [head, sep]
     for r in report["results"]:
-        lines.append(
+        line = (
             f"| {r['method']} | {r['setting']} | {r['latency_median_s']:.3f} | {r['speedup_vs_dense']:.2f}x "
             f"| {r['ideal_speedup']:.2f}x | {r['efficiency']:.2f} "
             f"| {100 * r['tokens_computed_fraction']:.1f}% "
             f"| {100 * r['tokens_computed_fraction_sparse_stages']:.1f}% "
-            f"| {100 * r['selection_overhead_fraction_of_dense']:.1f}% | {_fmt(r['psnr_db'])} "
+            f"| {100 * r['selection_overhead_fraction_of_dense']:.1f}% "
+            f"| {r.get('kv_cache_mb', 0.0):.1f} | {r['peak_memory_mb']:.0f} | {_fmt(r['psnr_db'])} "
             f"| {r['ssim']:.3f} | {r['token_agreement']:.3f} |"
         )
+        if hart:
+            line += f" {r['diffusion_head_seconds']:.2f} |"
+        if cut:
+            line += (
+                f" {r['speedup_full_depth_est']:.2f}x | {r['ideal_speedup_full_depth']:.2f}x "
+                f"| {r['efficiency_full_depth_est']:.2f} |"
+            )
+        lines.append(line)
+    if cut:
+        lines += [
+            "",
+            f"Depth cut: {report['depth']} of {report['full_depth']} blocks. The @{report['full_depth']} "
+            "columns scale the measured block time to the full depth (everything else as measured) and "
+            "count the FLOPs of the full depth.",
+        ]
     for r in report["results"]:
         if "bit_identical_to_dense" in r:
             lines += [
