@@ -132,7 +132,8 @@ class TokenPolicy(Protocol):
     """Decides which positions each stage computes and fills the rest (SparseVAR, FastVAR, dense).
 
     A policy may also define ``observe_input(stage, tokens_BlC, state)``: the engine then calls it with
-    the full stage input (tokens from the canvas, stages >= 1) before ``select``, for scores that need it.
+    the full stage input (tokens from the canvas, stages >= 1) before ``select``, for scores that need it,
+    and ``observe_output(stage, canvas, state)``: called with the updated canvas after each stage.
     """
 
     name: str

@@ -33,8 +33,8 @@ def run_far(args: argparse.Namespace, policy: Any, out: Path) -> int:
             raise InvalidOption(f"--{flag.replace('_', '-')} does not apply to FAR models")
     if getattr(args, "smooth", False):
         raise InvalidOption("--smooth does not apply to FAR models")
-    if policy is not None:
-        raise InvalidOption("token policies (--accel) are not available for FAR models yet")
+    if policy is not None and policy.name != "farskip":
+        raise InvalidOption(f"--accel {policy.name} does not apply to FAR models (use --accel farskip)")
     if args.cfg is not None and args.cfg < 1:
         raise InvalidOption(f"FAR's --cfg is a guidance scale >= 1 (1 = none), got {args.cfg}")
     if args.labels and args.unconditional:
@@ -67,6 +67,7 @@ def run_far(args: argparse.Namespace, policy: Any, out: Path) -> int:
         levels=tok.levels,
         unconditional=args.unconditional,
         on_diffusion_step=on_step,
+        policy=policy,
     )
     bar.close()
     img = res.images[0] if res.images.shape[0] == 1 else make_grid(res.images, args.nrow)
@@ -81,4 +82,8 @@ def run_far(args: argparse.Namespace, policy: Any, out: Path) -> int:
         f"{res.transformer_seconds - head_s:.2f}s, diffusion head {head_s:.2f}s, "
         f"decode {res.decode_seconds:.2f}s)"
     )
+    if policy is not None:
+        done = sum(sum(c) for c in res.tokens_computed)
+        total = sum(len(c) * h * w for c, (h, w) in zip(res.tokens_computed, res.grids, strict=True))
+        print(f"{policy.name}: computed {done}/{total} tokens ({100 * done / total:.1f}%)")
     return 0

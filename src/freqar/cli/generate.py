@@ -18,12 +18,12 @@ from .far_generate import add_far_args
 
 # --accel knob options -> (policy config field, policies that accept it)
 _KNOBS = {
-    "tau": ("tau", ("sparsevar",)),
+    "tau": ("tau", ("sparsevar", "farskip")),
     "alpha": ("alpha", ("sparsevar",)),
     "beta": ("beta", ("sparsevar",)),
     "probe_block": ("block", ("sparsevar",)),
-    "start_stage": ("start_stage", ("sparsevar", "fastvar")),
-    "keep": ("keep", ("sparsevar", "fastvar")),
+    "start_stage": ("start_stage", ("sparsevar", "fastvar", "farskip")),
+    "keep": ("keep", ("sparsevar", "fastvar", "farskip")),
     "drop": ("drop", ("fastvar",)),
     "cache_stage": ("cache_stage", ("fastvar",)),
 }
@@ -56,15 +56,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         nargs="?",
         const="sparsevar",
         default="none",
-        choices=("none", "sparsevar", "fastvar"),
-        help="token policy: none (dense, default), sparsevar (what a bare --accel gives, paper defaults) "
-        "or fastvar (peer baseline)",
+        choices=("none", "sparsevar", "fastvar", "farskip"),
+        help="token policy: none (dense, default), sparsevar (what a bare --accel gives, paper defaults), "
+        "fastvar (peer baseline) or farskip (FAR models: exclusion on frequency levels)",
     )
-    a.add_argument("--tau", type=float, help="SparseVAR threshold τ in [0,1] (0.6; 0 = off)")
+    a.add_argument("--tau", type=float, help="SparseVAR/farskip threshold τ in [0,1] (0.6/0.1; 0 = off)")
     a.add_argument("--alpha", type=int, help="SparseVAR anchor grid α >= 1 (4)")
     a.add_argument("--beta", type=float, help="SparseVAR anchor similarity threshold β in [-1,1] (0.9)")
     a.add_argument("--probe-block", type=int, help="SparseVAR block s for the ΔF map (middle block)")
-    a.add_argument("--start-stage", type=int, help="first sparse stage P, 0-based (number of stages - 4)")
+    a.add_argument(
+        "--start-stage", type=int, help="first sparse stage P, 0-based (stages - 4; farskip: levels // 2)"
+    )
     a.add_argument(
         "--keep", type=float, help="keep-budget mode: fraction of tokens computed per sparse stage"
     )
@@ -110,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
         from .far_generate import run_far
 
         return run_far(args, policy, out)
+    if policy is not None and policy.name == "farskip":
+        raise InvalidOption("--accel farskip applies to FAR models only")
     for flag in ("checkpoint", "steps", "levels"):
         if getattr(args, flag, None) is not None:
             raise InvalidOption(f"--{flag} applies to FAR models only")

@@ -2,7 +2,8 @@
 
 ``predict`` returns the per-token conditions of all rows, ``guide`` keeps every CFG row (guidance acts on ε
 inside each denoising step), and ``sample`` runs the respaced diffusion sampler for the stage and returns
-``StageSample(values=...)``.
+``StageSample(values=...)``. Given a ``StagePrediction`` (a token policy's computed rows + row map), it
+samples the computed rows only (the cost is steps × computed tokens) and spreads them over the grid.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from ..diffusion import GaussianDiffusion, space_timesteps
 from ..errors import InvalidOption
 from ..heads.diffusion_mlp import DiffusionMLP
-from ..interfaces import StageSample, materialize
+from ..interfaces import StagePrediction, StageSample
 from .guidance import Guidance
 
 
@@ -98,7 +99,9 @@ class DiffusionHead:
         self, full: torch.Tensor, stage: int, num_stages: int, generator: torch.Generator | None
     ) -> StageSample:
         t0 = time.perf_counter()
-        full = materialize(full)
+        src = None
+        if isinstance(full, StagePrediction):  # a policy's row map: sample the computed rows only
+            full, src = full.rows, full.src
         R, n, Cd = full.shape
         B = R // 2 if self.guidance.enabled else R
         g = 1.0 + self.guidance.scale(stage, num_stages)
@@ -128,5 +131,8 @@ class DiffusionHead:
             on_step=cb,
             diffusion=self.process,
         )
+        values = values.view(B, n, -1)
+        if src is not None:  # rows back on the grid; positions not computed get row 0 (keep_Bl drops them)
+            values = values.gather(1, src.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
         self.seconds.append(time.perf_counter() - t0)
-        return StageSample(values=values.view(B, n, -1))
+        return StageSample(values=values)

@@ -154,6 +154,9 @@ def generate(
             logits_rec.append(materialize(full).clone())
         drawn = head.sample(full, k, S, generator)
         canvas = tokenizer.update(canvas, tokenizer.token_vectors(drawn), k, keep_Bl)
+        observe_out = getattr(policy, "observe_output", None)
+        if observe_out is not None:
+            observe_out(k, canvas, pstate)  # optional hook: policies that score the new canvas (farskip)
         tokens.append(drawn.idx if drawn.idx is not None else drawn.values)
         _sync(device)
         stage_s.append(time.perf_counter() - t0)

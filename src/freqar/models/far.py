@@ -145,11 +145,16 @@ class Block(nn.Module):
 
 @dataclass
 class FARCondition:
-    """Per-row class embeddings (R, Ce): [class rows; fake_latent rows] when guided."""
+    """Per-row class embeddings (R, Ce): [class rows; fake_latent rows] when guided.
+
+    ``positions_Bn``: the current level's computed positions (set by ``stage_input``, read by ``step``; None
+    = every token). FAR has no KV cache to carry them, so the per-call condition does.
+    """
 
     emb_RC: torch.Tensor
     batch: int
     guided: bool
+    positions_Bn: torch.Tensor | None = None
 
 
 class FARTransformer(nn.Module):
@@ -247,6 +252,34 @@ class FARTransformer(nn.Module):
         """Per-token diffusion conditions (B, seq_len, Cd) for one level's input tokens."""
         return self.decode(self.encode(tokens_BnC, class_BC, keep_Bn), keep_Bn)
 
+    def conditions_at(
+        self, tokens_BnC: torch.Tensor, class_BC: torch.Tensor, positions_Bn: torch.Tensor
+    ) -> torch.Tensor:
+        """Conditions (B, n, Cd) of the tokens at ``positions_Bn`` only (sorted, same count per row).
+
+        The others are dropped from the encoder and are mask tokens in the decoder (MAR's token dropping,
+        the same computation as ``conditions`` with a keep mask); the rows of the kept positions are returned.
+        """
+        B, n = positions_Bn.shape
+        C, buf = self.cfg.encoder_embed_dim, self.cfg.buffer_size
+        x = self.z_proj(tokens_BnC.to(self.z_proj.weight.dtype))
+        table = self.encoder_pos_embed_learned[0]
+        pos = torch.cat((table[:buf].expand(B, buf, C), table[buf:][positions_Bn]), dim=1)
+        x = torch.cat((class_BC.unsqueeze(1).expand(B, buf, C), x), dim=1) + pos
+        x = self.z_proj_ln(x)
+        for blk in self.encoder_blocks:
+            x = blk(x)
+        x = self.decoder_embed(self.encoder_norm(x))
+        Cd, l = x.shape[-1], self.cfg.seq_len
+        full = self.mask_token.to(x.dtype).expand(B, buf + l, Cd).clone()
+        full[:, :buf] = x[:, :buf]
+        full[:, buf:].scatter_(1, positions_Bn.unsqueeze(-1).expand(B, n, Cd), x[:, buf:])
+        x = full + self.decoder_pos_embed_learned
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_norm(x)[:, buf:] + self.diffusion_pos_embed_learned
+        return x.gather(1, positions_Bn.unsqueeze(-1).expand(B, n, Cd))
+
     # ----- engine protocol ---------------------------------------------------------------------------
     def condition(self, labels_B: torch.Tensor, guided: bool) -> FARCondition:
         B = labels_B.shape[0]
@@ -266,10 +299,17 @@ class FARTransformer(nn.Module):
         positions_Bn: torch.Tensor | None,
         stage: int,
     ) -> torch.Tensor:
-        """Input tokens (R, seq_len, C) of a level: zeros at the first level, repeated for the CFG rows."""
-        if positions_Bn is not None:
-            raise InvalidOption("FAR runs every token of a level; token selection is not supported yet")
+        """Input tokens (R, n, C) of a level: zeros at the first level, repeated for the CFG rows.
+
+        ``positions_Bn`` (sorted, the same count per sample): only those tokens are given (``tokens_BnCv``
+        holds them in that order); ``step`` then drops the others from the encoder and returns their rows.
+        """
         R = cond.emb_RC.shape[0]
+        cond.positions_Bn = positions_Bn
+        if positions_Bn is not None:
+            if tokens_BnCv is None:
+                raise InvalidOption("FAR's first level has no input tokens to select from")
+            return tokens_BnCv.repeat(R // tokens_BnCv.shape[0], 1, 1)
         if tokens_BnCv is None:
             dev = cond.emb_RC.device
             return torch.zeros(R, self.cfg.seq_len, self.cfg.token_channels, device=dev)
@@ -278,7 +318,10 @@ class FARTransformer(nn.Module):
     def step(
         self, x_RnC: torch.Tensor, cond: FARCondition, cache: Any = None, taps: tuple[int, ...] = ()
     ) -> StepOutput:
-        return StepOutput(self.conditions(x_RnC, cond.emb_RC))
+        if cond.positions_Bn is None:
+            return StepOutput(self.conditions(x_RnC, cond.emb_RC))
+        pos = cond.positions_Bn.repeat(x_RnC.shape[0] // cond.positions_Bn.shape[0], 1)
+        return StepOutput(self.conditions_at(x_RnC, cond.emb_RC, pos))
 
     # ----- training ----------------------------------------------------------------------------------
     def forward(

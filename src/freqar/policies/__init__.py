@@ -1,4 +1,5 @@
-"""Token policies by name: ``dense`` (alias ``none``), ``sparsevar`` and the ``fastvar`` peer baseline.
+"""Token policies by name: ``dense`` (alias ``none``), ``sparsevar``, the ``fastvar`` peer baseline
+and ``farskip`` (exclusion on FAR's frequency levels).
 
 ``make_policy(name, **knobs)`` is the one front door; knobs are the fields of the policy's frozen config
 dataclass, and unknown names or knobs raise ``InvalidOption`` with the valid choices.
@@ -13,6 +14,7 @@ from typing import Any
 from ..engine.generate import DensePolicy
 from ..errors import InvalidOption
 from .fastvar import FastVARConfig, FastVARPolicy
+from .levels import FARSkipConfig, FARSkipPolicy
 from .sparsevar import SparseVARConfig, SparseVARPolicy
 
 _ALIASES = {"none": "dense"}
@@ -23,6 +25,7 @@ def _registry() -> dict[str, tuple[type | None, Callable[[Any], Any]]]:
         "dense": (None, lambda cfg: DensePolicy()),
         "sparsevar": (SparseVARConfig, SparseVARPolicy),
         "fastvar": (FastVARConfig, FastVARPolicy),
+        "farskip": (FARSkipConfig, FARSkipPolicy),
     }
 
 
@@ -64,6 +67,8 @@ def make_policy(name: str, **knobs: Any) -> Any:
 
 __all__ = [
     "DensePolicy",
+    "FARSkipConfig",
+    "FARSkipPolicy",
     "FastVARConfig",
     "FastVARPolicy",
     "SparseVARConfig",
