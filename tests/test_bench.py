@@ -109,6 +109,37 @@ def test_flop_model_matches_counted_matmuls(name) -> None:
     assert abs(model / counted - 1) < 0.03
 
 
+def test_bench_far_tiny_split_and_flops(tmp_path) -> None:
+    """far-tiny: dense vs farskip, latency split, the disabled check, and the FAR FLOP model (linear part)
+    against the counted matmuls of dense and keep-budget runs (kept tokens in encoder and diffusion head)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from freqar.bench_far import far_flops
+    from freqar.policies import make_policy
+
+    report = run_bench(
+        get_scenario("far-tiny"), methods=["dense", "farskip"], taus=[0.2], budgets=[0.3], runs=1, warmup=0
+    )
+    write_report(report, tmp_path, plot=False)
+    rows = {r["setting"]: r for r in report["results"]}
+    assert rows["farskip tau=0 (disabled)"]["bit_identical_to_dense"] is True
+    budget = rows["farskip keep=0.3"]
+    assert budget["stage_tokens"] == [256.0] * 5 + [77.0] * 5 and budget["ideal_speedup"] > 1
+    for r in rows.values():
+        assert {"diffusion_head_seconds", "decode_seconds", "speedup_end_to_end", "blocks_seconds"} <= set(r)
+        assert r["blocks_seconds"] + r["diffusion_head_seconds"] <= r["latency_median_s"]
+    assert "| farskip | farskip keep=0.3 |" in (tmp_path / "bench.md").read_text()
+    runner = get_scenario("far-tiny").runner("cpu", 1, 0)
+    for pol in (None, make_policy("farskip", keep=0.3)):
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            out, _, _ = runner.generate(Setting("x", "x"), 0, pol)
+        counts = fc.get_flop_counts()["Global"]
+        counted = sum(v for k, v in counts.items() if str(k) in ("aten.addmm", "aten.mm"))
+        tokens = [float(sum(c)) for c in out.tokens_computed]
+        model = sum(far_flops(runner.cfg, tokens, runner.head_rows, runner.steps, attention=False))
+        assert abs(model / counted - 1) < 0.03
+
+
 def test_flop_model_and_fidelity_metrics() -> None:
     cfg = VARConfig(depth=2, embed_dim=64, num_heads=4, patch_nums=(1, 2, 4), vocab_size=16, z_channels=4)
     dense = transformer_flops(cfg, [1, 4, 16], rows=2)

@@ -258,6 +258,9 @@ def scenarios() -> dict[str, Scenario | InfinityScenario | HARTScenario]:
             cfg=4.5,
         ),
     ]
+    from .bench_far import far_scenarios
+
+    items += far_scenarios()  # type: ignore[arg-type]
     return {s.name: s for s in items}
 
 
@@ -387,6 +390,8 @@ class TimedPolicy:
         self.seconds = 0.0
         if hasattr(inner, "observe_input"):
             self.observe_input = lambda *a: self._timed(inner.observe_input, *a)
+        if hasattr(inner, "observe_output"):
+            self.observe_output = lambda *a: self._timed(inner.observe_output, *a)
 
     def _timed(self, fn: Any, *args: Any) -> Any:
         if self.device.type == "cuda":
@@ -602,7 +607,7 @@ class Setting:
 
 def plan_settings(methods: list[str], taus: list[float], budgets: list[float]) -> list[Setting]:
     """Dense first, then SparseVAR (disabled check, τ sweep, budgets) and FastVAR (paper ratios, budgets)."""
-    known = {"dense", "sparsevar", "fastvar"}
+    known = {"dense", "sparsevar", "fastvar", "farskip"}
     bad = [m for m in methods if m not in known]
     if bad:
         raise InvalidOption(f"unknown bench method {', '.join(bad)} (choose from dense, sparsevar, fastvar)")
@@ -617,6 +622,10 @@ def plan_settings(methods: list[str], taus: list[float], budgets: list[float]) -
         out.append(Setting("sparsevar", "sparsevar tau=0 (disabled)", {"tau": 0.0}, "disabled"))
         out += [Setting("sparsevar", f"sparsevar tau={t:g}", {"tau": t}, "threshold") for t in taus]
         out += [Setting("sparsevar", f"sparsevar keep={b:g}", {"keep": b}, "budget") for b in budgets]
+    if "farskip" in methods:
+        out.append(Setting("farskip", "farskip tau=0 (disabled)", {"tau": 0.0}, "disabled"))
+        out += [Setting("farskip", f"farskip tau={t:g}", {"tau": t}, "threshold") for t in taus]
+        out += [Setting("farskip", f"farskip keep={b:g}", {"keep": b}, "budget") for b in budgets]
     if "fastvar" in methods:
         out.append(Setting("fastvar", "fastvar (paper ratios)", {}, "default"))
         out += [Setting("fastvar", f"fastvar keep={b:g}", {"keep": b}, "budget") for b in budgets]
@@ -730,6 +739,7 @@ def run_bench(
     over: dict[int, list[float]] = {i: [] for i in n_set}
     step_s: dict[int, list[float]] = {i: [] for i in n_set}
     head_s: dict[int, list[float]] = {i: [] for i in n_set}
+    dec_s: dict[int, list[float]] = {i: [] for i in n_set}
     last: dict[int, Any] = {}
     kv: dict[int, tuple[int, int]] = {}
     peaks: dict[int, tuple[float, float]] = {}
@@ -743,6 +753,7 @@ def run_bench(
             over[i].append(ov)
             step_s[i].append(probe.step_seconds)
             head_s[i].append(hs)
+            dec_s[i].append(out.decode_seconds)
             peaks[i] = (mem.peak / 2**20, (mem.peak - mem.base) / 2**20)
             mem_kind = mem.kind
             kv[i] = probe.kv_bytes()
@@ -754,7 +765,7 @@ def run_bench(
     dense_out = last[0]
     dense_med = statistics.median(lat[0])
     grids = [h * w for h, w in dense_out.grids]
-    P = max(1, S - 4)
+    P = getattr(runner, "sparse_start", max(1, S - 4))
     full = runner.full_depth
     cut = full != runner.depth
     dense_flops = runner.flops(settings[0], [float(g) for g in grids])
@@ -802,6 +813,15 @@ def run_bench(
         }
         if isinstance(scenario, HARTScenario):
             row["diffusion_head_seconds"] = statistics.median(head_s[i])
+        if scenario.family == "far":  # split: blocks, diffusion head, VAE decode; end-to-end speed-up
+            tf_fl, head_fl = runner.flops_split(per_stage)
+            e2e = [a + b for a, b in zip(lat[i], dec_s[i], strict=True)]
+            e2e_dense = statistics.median([a + b for a, b in zip(lat[0], dec_s[0], strict=True)])
+            row["diffusion_head_seconds"] = statistics.median(head_s[i])
+            row["decode_seconds"] = statistics.median(dec_s[i])
+            row["latency_end_to_end_s"] = statistics.median(e2e)
+            row["speedup_end_to_end"] = e2e_dense / statistics.median(e2e)
+            row["flops_transformer"], row["flops_diffusion_head"] = tf_fl, head_fl
         if cut:
             speed_full = full_depth_latency(0) / full_depth_latency(i)
             ideal_full = dense_flops_full / runner.flops(s, per_stage, full)
@@ -853,6 +873,7 @@ def markdown_table(report: dict) -> str:
     sc = report["scenario"]
     cut = "full_depth" in report and report["full_depth"] != report.get("depth", report["full_depth"])
     hart = report.get("family") == "hart"
+    far = report.get("family") == "far"
     lines = [
         f"### `{sc['name']}`: {sc['description']}",
         "",
@@ -861,6 +882,7 @@ def markdown_table(report: dict) -> str:
         f"sparse stages >= {report['sparse_start_stage']} (0-based). "
         "Latency = transformer part (stages + policy + sampling"
         + (" + residual diffusion head" if hart else "")
+        + (" + diffusion head; FAR has no KV cache" if far else "")
         + "), decode excluded. KV = keys/values the cache holds at the end; peak = "
         + f"{report.get('peak_memory_kind', '')} during the run.",
         "",
@@ -873,6 +895,9 @@ def markdown_table(report: dict) -> str:
     if hart:
         head += " head (s) |"
         sep += "---|"
+    if far:
+        head += " transformer (s) | diffusion head (s) | VAE decode (s) | end-to-end (s) | e2e speed-up |"
+        sep += "---|---|---|---|---|"
     if cut:
         D = report["full_depth"]
         head += f" est. speed-up @{D} | ideal @{D} | eff. @{D} |"
@@ -890,6 +915,11 @@ def markdown_table(report: dict) -> str:
         )
         if hart:
             line += f" {r['diffusion_head_seconds']:.2f} |"
+        if far:
+            line += (
+                f" {r['blocks_seconds']:.2f} | {r['diffusion_head_seconds']:.2f} | {r['decode_seconds']:.2f} "
+                f"| {r['latency_end_to_end_s']:.2f} | {r['speedup_end_to_end']:.2f}x |"
+            )
         if cut:
             line += (
                 f" {r['speedup_full_depth_est']:.2f}x | {r['ideal_speedup_full_depth']:.2f}x "
@@ -907,7 +937,7 @@ def markdown_table(report: dict) -> str:
         if "bit_identical_to_dense" in r:
             lines += [
                 "",
-                f"Disabled SparseVAR (τ = 0): bit-identical to dense = {r['bit_identical_to_dense']}, "
+                f"Disabled {r['method']} (τ = 0): bit-identical to dense = {r['bit_identical_to_dense']}, "
                 f"latency delta {100 * r['latency_delta_vs_dense']:+.1f}%.",
             ]
     return "\n".join(lines) + "\n"
@@ -921,7 +951,7 @@ def plot_png(report: dict, path: str | os.PathLike[str]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    colours = {"dense": "black", "sparsevar": "tab:red", "fastvar": "tab:blue"}
+    colours = {"dense": "black", "sparsevar": "tab:red", "fastvar": "tab:blue", "farskip": "tab:green"}
     for r in report["results"]:
         c = colours.get(r["method"], "grey")
         marker = "s" if r["mode"] == "budget" else "o"
