@@ -158,6 +158,10 @@ def test_plan_rejects_bad_inputs() -> None:
         plan_settings(["sparsevar"], [], [1.5])
     with pytest.raises(InvalidOption, match="unknown scenario"):
         get_scenario("var-d99")
+    with pytest.raises(InvalidOption, match="does not apply to the far scenario"):
+        run_bench(get_scenario("far-tiny"), methods=["dense", "sparsevar"], taus=[], budgets=[], runs=1)
+    with pytest.raises(InvalidOption, match="farskip does not apply to the var scenario"):
+        run_bench(get_scenario("tiny"), methods=["farskip"], taus=[], budgets=[], runs=1)
 
 
 def test_cli_bench_list_and_errors(capsys) -> None:

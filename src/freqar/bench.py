@@ -720,6 +720,13 @@ def run_bench(
             raise InvalidOption(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     settings = plan_settings(methods, taus, budgets)
+    far = scenario.family == "far"
+    wrong = [m for m in methods if m != "dense" and (m == "farskip") != far]
+    if wrong:
+        raise InvalidOption(
+            f"method {', '.join(wrong)} does not apply to the {scenario.family} scenario '{scenario.name}' "
+            f"(FAR scenarios take dense,farskip; the others dense,sparsevar,fastvar)"
+        )
     if isinstance(scenario, HARTScenario):
         settings = expand_excluded(settings, scenario.excluded)
     runner = scenario.runner(device, batch, seed)
