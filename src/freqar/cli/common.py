@@ -10,7 +10,7 @@ from ..errors import InvalidOption
 from ..pipeline import Pipeline
 from ..registry import create_model
 
-DEFAULT_MODEL = "var-tiny"
+DEFAULT_MODEL = "emoji"
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
