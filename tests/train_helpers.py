@@ -101,8 +101,13 @@ def ddp_dump_worker(rank: int, world: int, port: int, data: str, out: str, resul
     from freqar.train.tokenizer import TokenizerTask
 
     os.environ.update(
-        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(world),
-         "LOCAL_RANK": str(rank)}
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+        }
     )
     torch.set_num_threads(1)
     ctx = init_distributed("cpu")
