@@ -55,3 +55,9 @@ def save_png(img: Image.Image | torch.Tensor, path: str | os.PathLike[str]) -> P
     p = check_writable(path)
     atomic_write(p, lambda tmp: pil.save(tmp, format="PNG"))
     return p
+
+
+def save_images(images_B3HW: torch.Tensor, path: str | os.PathLike[str], nrow: int | None = None) -> Path:
+    """One image as is, several as a grid: the output rule every ``generate`` variant shares."""
+    img = images_B3HW[0] if images_B3HW.shape[0] == 1 else make_grid(images_B3HW, nrow)
+    return save_png(img, path)

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from ..diffusion import space_timesteps
 from ..errors import InvalidOption
-from ..imageio import make_grid, save_png
+from ..imageio import save_images
 from .common import int_list, resolve_device
 
 
@@ -70,8 +70,7 @@ def run_far(args: argparse.Namespace, policy: Any, out: Path) -> int:
         policy=policy,
     )
     bar.close()
-    img = res.images[0] if res.images.shape[0] == 1 else make_grid(res.images, args.nrow)
-    save_png(img, out)
+    save_images(res.images, out, args.nrow)
     names = pipe.class_names
     labs = res.labels.tolist()
     shown = ", ".join("null" if lab < 0 else (f"{lab} ({names[lab]})" if names else str(lab)) for lab in labs)

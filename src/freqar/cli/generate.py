@@ -8,7 +8,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import InvalidOption
-from ..imageio import check_writable, make_grid, save_png
+from ..imageio import check_writable, make_grid, save_images, save_png
 from ..models.hart_pipeline import is_hart_model
 from ..models.infinity_pipeline import is_infinity_model
 from ..policies import make_policy
@@ -157,8 +157,7 @@ def run(args: argparse.Namespace) -> int:
         callback=on_stage,
     )
     bar.close()
-    img = res.images[0] if res.images.shape[0] == 1 else make_grid(res.images, args.nrow)
-    save_png(img, out)
+    save_images(res.images, out, args.nrow)
     names = pipe.class_names
     labs = res.labels.tolist()
     shown = ", ".join(f"{lab} ({names[lab]})" if names else str(lab) for lab in labs)

@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import InvalidOption, WeightsNotFound
-from ..imageio import make_grid, save_png
+from ..imageio import save_images
 from ..models.hart import TextFeatures
 from ..models.hart_pipeline import build_hart_pipeline, hart_presets, load_hart_released
 from .common import resolve_device
@@ -71,8 +71,7 @@ def run_hart(args: argparse.Namespace, policy: Any, out: Path) -> int:
         callback=on_stage,
     )
     bar.close()
-    img = res.images[0] if res.images.shape[0] == 1 else make_grid(res.images, args.nrow)
-    save_png(img, out)
+    save_images(res.images, out, args.nrow)
     n = res.images.shape[0]
     what = f"{len(prompts)} prompt(s)" if prompts else "random text features (no --prompt)"
     print(

@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import InvalidOption
-from ..imageio import make_grid, save_png
+from ..imageio import save_images
 from ..models.infinity_pipeline import get_infinity_spec, load_infinity
 from .common import resolve_device
 
@@ -69,8 +69,7 @@ def run_infinity(args: argparse.Namespace, policy: Any, out: Path) -> int:
         callback=on_stage,
     )
     bar.close()
-    img = res.images[0] if res.images.shape[0] == 1 else make_grid(res.images, args.nrow)
-    save_png(img, out)
+    save_images(res.images, out, args.nrow)
     n = res.images.shape[0]
     H, W = pipe.image_size(h_div_w, resolution)
     what = f"{len(prompts)} prompt(s)" if prompts else "random text features (no --prompt)"
