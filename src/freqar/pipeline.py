@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -31,8 +31,32 @@ class SamplingDefaults:
     temperature: float = 1.0
 
 
+_B = TypeVar("_B", bound="ModuleBundle")
+
+
+class ModuleBundle:
+    """``device``/``to``/``eval`` for a family's pipeline: a frozen set of modules that move together."""
+
+    def parts(self) -> tuple[torch.nn.Module, ...]:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parts()[0].parameters()).device
+
+    def to(self: _B, device: str | torch.device) -> _B:
+        for m in self.parts():
+            m.to(device)
+        return self
+
+    def eval(self: _B) -> _B:
+        for m in self.parts():
+            m.eval()
+        return self
+
+
 @dataclass
-class Pipeline:
+class Pipeline(ModuleBundle):
     """Everything needed to generate: ``transformer``, ``tokenizer``, class names and defaults."""
 
     name: str
@@ -50,19 +74,8 @@ class Pipeline:
     def image_size(self) -> int:
         return self.tokenizer.cfg.patch_nums[-1] * self.tokenizer.cfg.downsample
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    def to(self, device: str | torch.device) -> Pipeline:
-        self.transformer.to(device)
-        self.tokenizer.to(device)
-        return self
-
-    def eval(self) -> Pipeline:
-        self.transformer.eval()
-        self.tokenizer.eval()
-        return self
+    def parts(self) -> tuple[torch.nn.Module, ...]:
+        return (self.transformer, self.tokenizer)
 
     def check_labels(self, labels: list[int]) -> None:
         for lab in labels:

@@ -15,6 +15,7 @@ from ..engine.generate import GenerationOutput, StageInfo, generate
 from ..errors import CheckpointMismatch, InvalidOption
 from ..interfaces import TokenPolicy
 from ..io import load_safetensors, load_state_dict_strict, read_json, save_model_dir
+from ..pipeline import ModuleBundle
 from ..tokenizers.frequency import FrequencyTokenizer, validate_levels
 from ..tokenizers.kl import AutoencoderKL, KLConfig
 from .far import FARConfig, FARTransformer
@@ -35,7 +36,7 @@ class FARDefaults:
 
 
 @dataclass
-class FARPipeline:
+class FARPipeline(ModuleBundle):
     """Everything needed to generate with FAR; ``levels`` None = the tokenizer's default schedule."""
 
     name: str
@@ -53,19 +54,8 @@ class FARPipeline:
     def image_size(self) -> int:
         return self.vae.cfg.resolution
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    def to(self, device: str | torch.device) -> FARPipeline:
-        self.transformer.to(device)
-        self.vae.to(device)
-        return self
-
-    def eval(self) -> FARPipeline:
-        self.transformer.eval()
-        self.vae.eval()
-        return self
+    def parts(self) -> tuple[torch.nn.Module, ...]:
+        return (self.transformer, self.vae)
 
     def tokenizer(self, levels: tuple[int, ...] | list[int] | None = None) -> FrequencyTokenizer:
         return FrequencyTokenizer(self.vae, levels if levels is not None else self.defaults.levels)

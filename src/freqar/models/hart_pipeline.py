@@ -21,6 +21,7 @@ from ..engine.guidance import Guidance
 from ..errors import CheckpointMismatch, InvalidOption, UnknownModel, WeightsNotFound
 from ..interfaces import TokenPolicy
 from ..io import load_torch_file, read_json
+from ..pipeline import ModuleBundle
 from ..tokenizers.hybrid import HART_1024, HybridTokenizer, find_tokenizer_weights
 from ..tokenizers.msvq import MSVQConfig
 from .hart import (
@@ -94,7 +95,7 @@ def is_hart_model(name_or_path: str) -> bool:
 
 
 @dataclass
-class HARTPipeline:
+class HARTPipeline(ModuleBundle):
     """Everything needed to generate with HART from prompts or precomputed text features."""
 
     name: str
@@ -108,19 +109,8 @@ class HARTPipeline:
     def image_size(self) -> int:
         return self.tokenizer.cfg.patch_nums[-1] * self.tokenizer.cfg.downsample
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    def to(self, device: str | torch.device) -> HARTPipeline:
-        self.transformer.to(device)
-        self.tokenizer.to(device)
-        return self
-
-    def eval(self) -> HARTPipeline:
-        self.transformer.eval()
-        self.tokenizer.eval()
-        return self
+    def parts(self) -> tuple[torch.nn.Module, ...]:
+        return (self.transformer, self.tokenizer)
 
     def encode(self, prompts: list[str]) -> TextFeatures:
         if self.text_encoder is None:

@@ -18,6 +18,7 @@ from ..engine.heads import BitwiseHead
 from ..errors import InvalidOption, UnknownModel, WeightsNotFound
 from ..interfaces import TokenPolicy
 from ..io import load_torch_file
+from ..pipeline import ModuleBundle
 from ..tokenizers.bsq import BSQVAE, BSQConfig
 from .infinity import RESOLUTIONS, Infinity, InfinityConfig, schedule_for
 
@@ -118,7 +119,7 @@ def _per_stage(value: float | Sequence[float], S: int, what: str) -> list[float]
 
 
 @dataclass
-class InfinityPipeline:
+class InfinityPipeline(ModuleBundle):
     """Infinity weights + BSQ VAE + (optional) text encoder; ``generate`` picks the schedule per call."""
 
     name: str
@@ -128,19 +129,8 @@ class InfinityPipeline:
     text_encoder: Any = None
     family: str = "infinity"
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def to(self, device: str | torch.device) -> InfinityPipeline:
-        self.model.to(device)
-        self.vae.to(device)
-        return self
-
-    def eval(self) -> InfinityPipeline:
-        self.model.eval()
-        self.vae.eval()
-        return self
+    def parts(self) -> tuple[torch.nn.Module, ...]:
+        return (self.model, self.vae)
 
     def schedule(
         self, h_div_w: float | None = None, resolution: str | None = None
