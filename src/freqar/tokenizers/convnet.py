@@ -78,18 +78,20 @@ def _attn(channels: int, enabled: bool, groups: int) -> nn.Module:
     return AttnBlock(channels, groups) if enabled else nn.Identity()
 
 
-class _Mid(nn.Module):
-    def __init__(self, c: int, dropout: float, using_mid_sa: bool, groups: int) -> None:
+class MidBlock(nn.Module):
+    """Middle of the U: block, attention (any module, or Identity), block."""
+
+    def __init__(self, c: int, dropout: float, attn: nn.Module, groups: int) -> None:
         super().__init__()
         self.block_1 = ResnetBlock(c, c, dropout, groups)
-        self.attn_1 = _attn(c, using_mid_sa, groups)
+        self.attn_1 = attn
         self.block_2 = ResnetBlock(c, c, dropout, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
 
 
-class _Level(nn.Module):
+class ResLevel(nn.Module):
     """One resolution level: ``block``/``attn`` lists and an optional ``downsample``/``upsample``."""
 
     def __init__(self, blocks: list[nn.Module], attns: list[nn.Module]) -> None:
@@ -105,7 +107,45 @@ class _Level(nn.Module):
         return h
 
 
-class Encoder(nn.Module):
+class DownPath(nn.Module):
+    """Forward of an LDM-style encoder (``conv_in``, ``down`` levels, ``mid``, ``norm_out``, ``conv_out``),
+    shared by every encoder whose modules differ only in how they are built."""
+
+    conv_in: nn.Module
+    down: nn.ModuleList
+    mid: nn.Module
+    norm_out: nn.Module
+    conv_out: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for i, level in enumerate(self.down):
+            h = level.run(h)
+            if i != len(self.down) - 1:
+                h = level.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class UpPath(nn.Module):
+    """Forward of an LDM-style decoder; ``up.{i}`` is indexed by level and run from the deepest."""
+
+    conv_in: nn.Module
+    mid: nn.Module
+    up: nn.ModuleList
+    norm_out: nn.Module
+    conv_out: nn.Module
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for i in reversed(range(len(self.up))):
+            h = self.up[i].run(h)
+            if i != 0:
+                h = self.up[i].upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Encoder(DownPath):
     """Image (B,3,H,W) in [-1,1] -> latent (B,z,H/2^(n-1),W/2^(n-1)); attention only at the lowest level."""
 
     def __init__(
@@ -135,25 +175,16 @@ class Encoder(nn.Module):
                 c_in = c_out
                 if i == n - 1 and using_sa:
                     attns.append(AttnBlock(c_out, groups))
-            level = _Level(blocks, attns)
+            level = ResLevel(blocks, attns)
             if i != n - 1:
                 level.downsample = Downsample(c_out)
             self.down.append(level)
-        self.mid = _Mid(c_out, dropout, using_mid_sa, groups)
+        self.mid = MidBlock(c_out, dropout, _attn(c_out, using_mid_sa, groups), groups)
         self.norm_out = group_norm(c_out, groups)
         self.conv_out = nn.Conv2d(c_out, z_channels, 3, 1, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
-        for i, level in enumerate(self.down):
-            h = level.run(h)
-            if i != len(self.down) - 1:
-                h = level.downsample(h)
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
 
-
-class Decoder(nn.Module):
+class Decoder(UpPath):
     """Latent -> image; ``up.{i}`` is indexed by level (``up.0`` is full resolution) and run in reverse."""
 
     def __init__(
@@ -173,7 +204,7 @@ class Decoder(nn.Module):
         n = len(ch_mult)
         c_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, c_in, 3, 1, 1)
-        self.mid = _Mid(c_in, dropout, using_mid_sa, groups)
+        self.mid = MidBlock(c_in, dropout, _attn(c_in, using_mid_sa, groups), groups)
         levels: list[nn.Module] = [nn.Module()] * n
         for i in reversed(range(n)):
             c_out = ch * ch_mult[i]
@@ -183,18 +214,10 @@ class Decoder(nn.Module):
                 c_in = c_out
                 if i == n - 1 and using_sa:
                     attns.append(AttnBlock(c_out, groups))
-            level = _Level(blocks, attns)
+            level = ResLevel(blocks, attns)
             if i != 0:
                 level.upsample = Upsample(c_out)
             levels[i] = level
         self.up = nn.ModuleList(levels)
         self.norm_out = group_norm(c_in, groups)
         self.conv_out = nn.Conv2d(c_in, out_channels, 3, 1, 1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
-        for i in reversed(range(len(self.up))):
-            h = self.up[i].run(h)
-            if i != 0:
-                h = self.up[i].upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))

@@ -13,11 +13,10 @@ import os
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointMismatch, InvalidOption
-from .convnet import Downsample, ResnetBlock, Upsample, group_norm
+from .convnet import DownPath, Downsample, MidBlock, ResLevel, ResnetBlock, UpPath, Upsample, group_norm
 
 
 @dataclass(frozen=True)
@@ -82,32 +81,7 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(out)
 
 
-class _Mid(nn.Module):
-    def __init__(self, c: int, dropout: float, groups: int) -> None:
-        super().__init__()
-        self.block_1 = ResnetBlock(c, c, dropout, groups)
-        self.attn_1 = AttnBlock(c, groups)
-        self.block_2 = ResnetBlock(c, c, dropout, groups)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
-
-
-class _Level(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.block = nn.ModuleList()
-        self.attn = nn.ModuleList()
-
-    def run(self, h: torch.Tensor) -> torch.Tensor:
-        for j, blk in enumerate(self.block):
-            h = blk(h)
-            if len(self.attn):
-                h = self.attn[j](h)
-        return h
-
-
-class KLEncoder(nn.Module):
+class KLEncoder(DownPath):
     """Image -> moments (2·embed_dim channels: mean, log-variance); attention where the map size is listed."""
 
     def __init__(self, cfg: KLConfig) -> None:
@@ -120,7 +94,7 @@ class KLEncoder(nn.Module):
         c = ch
         for i in range(n):
             c, c_out = ch * in_mult[i], ch * cfg.ch_mult[i]
-            level = _Level()
+            level = ResLevel([], [])
             for _ in range(cfg.num_res_blocks):
                 level.block.append(ResnetBlock(c, c_out, cfg.dropout, g))
                 c = c_out
@@ -130,21 +104,12 @@ class KLEncoder(nn.Module):
                 level.downsample = Downsample(c)
                 res //= 2
             self.down.append(level)
-        self.mid = _Mid(c, cfg.dropout, g)
+        self.mid = MidBlock(c, cfg.dropout, AttnBlock(c, g), g)
         self.norm_out = group_norm(c, g)
         self.conv_out = nn.Conv2d(c, 2 * cfg.embed_dim, 3, 1, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
-        for i, level in enumerate(self.down):
-            h = level.run(h)
-            if i != len(self.down) - 1:
-                h = level.downsample(h)
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
 
-
-class KLDecoder(nn.Module):
+class KLDecoder(UpPath):
     """Latent -> image in about [-1, 1] (no tanh, no clamp); ``up.{i}`` indexed by level, run from the
     deepest.
     """
@@ -155,11 +120,11 @@ class KLDecoder(nn.Module):
         c = ch * cfg.ch_mult[-1]
         res = cfg.latent_side
         self.conv_in = nn.Conv2d(cfg.embed_dim, c, 3, 1, 1)
-        self.mid = _Mid(c, cfg.dropout, g)
+        self.mid = MidBlock(c, cfg.dropout, AttnBlock(c, g), g)
         levels: list[nn.Module] = [nn.Module()] * n
         for i in reversed(range(n)):
             c_out = ch * cfg.ch_mult[i]
-            level = _Level()
+            level = ResLevel([], [])
             for _ in range(cfg.num_res_blocks + 1):
                 level.block.append(ResnetBlock(c, c_out, cfg.dropout, g))
                 c = c_out
@@ -172,14 +137,6 @@ class KLDecoder(nn.Module):
         self.up = nn.ModuleList(levels)
         self.norm_out = group_norm(c, g)
         self.conv_out = nn.Conv2d(c, cfg.out_ch, 3, 1, 1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
-        for i in reversed(range(len(self.up))):
-            h = self.up[i].run(h)
-            if i != 0:
-                h = self.up[i].upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
 
 
 class AutoencoderKL(nn.Module):
