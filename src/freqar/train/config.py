@@ -78,12 +78,23 @@ class TokenizerLoss:
     usage_decay: float = 0.99
     restart_every: int = 50
     restart_threshold: float = 0.01  # EMA hits per step below which a code counts as dead
+    perceptual_weight: float = 0.0  # EfficientNet-Lite0 feature distance (train/perceptual.py); 0 = off
+
+
+@dataclass
+class TokenizerInit:
+    """Start from a trained tokenizer; ``decoder_only`` freezes encoder, quantiser and codebook so the
+    codes (and any transformer trained on them) stay valid while the decoder is sharpened."""
+
+    path: str = ""
+    decoder_only: bool = False
 
 
 @dataclass
 class TokenizerTrainConfig:
     model: TokenizerModelConfig = field(default_factory=TokenizerModelConfig)
     loss: TokenizerLoss = field(default_factory=TokenizerLoss)
+    init: TokenizerInit = field(default_factory=TokenizerInit)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)

@@ -45,13 +45,24 @@ def msvq_config(cfg: TokenizerTrainConfig) -> MSVQConfig:
 class VQTrainModule(nn.Module):
     """Wraps a VQVAE with the training forward (DDP wraps this module)."""
 
-    def __init__(self, vae: VQVAE) -> None:
+    def __init__(self, vae: VQVAE, decoder_only: bool = False) -> None:
         super().__init__()
         self.vae = vae
+        self.decoder_only = decoder_only
+        if decoder_only:  # codes are fixed: only the decoder side learns
+            vae.requires_grad_(False)
+            vae.post_quant_conv.requires_grad_(True)
+            vae.decoder.requires_grad_(True)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """Image in [-1,1] -> (reconstruction, VQ loss, code ids per scale, sampled latents (n, C))."""
         vae, q = self.vae, self.vae.quantize
+        if self.decoder_only:
+            with torch.no_grad():
+                f = vae.encode_latent(x)
+                idx_list, fhats = q.encode(f)
+            rec = vae.decoder(vae.post_quant_conv(fhats[-1]))
+            return rec, f.new_zeros(()), idx_list, f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
         f = vae.encode_latent(x)
         B, C, H, W = f.shape
         f_ng = f.detach()
@@ -93,7 +104,23 @@ class TokenizerTask:
             )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.run.seed)
-            self.module = VQTrainModule(VQVAE(self.vae_cfg))
+            vae = VQVAE(self.vae_cfg)
+        if cfg.init.decoder_only and not cfg.init.path:
+            raise CheckpointMismatch("init.decoder_only needs init.path (the tokenizer whose codes to keep)")
+        if cfg.init.path:
+            start = load_tokenizer(cfg.init.path)
+            if start.cfg.to_dict() != self.vae_cfg.to_dict():
+                raise CheckpointMismatch(
+                    f"init.path '{cfg.init.path}' is a different tokenizer than model.* describes; "
+                    "copy its model section into the config"
+                )
+            vae.load_state_dict(start.state_dict())
+        self.module = VQTrainModule(vae, decoder_only=cfg.init.decoder_only)
+        self.perceptual = None
+        if cfg.loss.perceptual_weight > 0:
+            from .perceptual import load_lite0_perceptual
+
+            self.perceptual = load_lite0_perceptual().to(ctx.device)
         V = self.vae_cfg.vocab_size
         self.usage = torch.full((V,), cfg.loss.restart_threshold * 4)  # EMA hits per step, all processes
         self.last_counts = torch.zeros(V)
@@ -112,6 +139,11 @@ class TokenizerTask:
         rec, vq, codes, zs = model(x)
         mse = F.mse_loss(rec, x)
         recon = mse + c.loss.l1_weight * F.l1_loss(rec, x)
+        logs: dict[str, float] = {}
+        if self.perceptual is not None:
+            per = self.perceptual(rec, x)
+            recon = recon + c.loss.perceptual_weight * per
+            logs["perc"] = per.item()
         loss = recon + c.loss.vq_weight * vq
         with torch.no_grad():
             counts = torch.bincount(
@@ -127,7 +159,8 @@ class TokenizerTask:
             ]
             self.pool = zs.detach()[sel.to(zs.device)]
         psnr = -10 * torch.log10(mse.detach() / 4 + 1e-12)  # images span [-1, 1]: peak-to-peak 2
-        return loss, {"psnr": psnr.item(), "vq": vq.item(), "used": self.active_fraction()}, x.shape[0]
+        logs.update(psnr=psnr.item(), vq=vq.item(), used=self.active_fraction())
+        return loss, logs, x.shape[0]
 
     def active_fraction(self) -> float:
         return (self.usage >= self.cfg.loss.restart_threshold).float().mean().item()
@@ -140,6 +173,8 @@ class TokenizerTask:
     def after_step(self, step: int, loop: Any) -> dict[str, float]:
         """Every ``restart_every`` steps, move dead codes onto latents seen in this batch (rank 0 picks)."""
         lc = self.cfg.loss
+        if self.cfg.init.decoder_only:  # restarting codes would change the codes the decoder is tuned for
+            return {}
         if lc.restart_every <= 0 or (step + 1) % lc.restart_every or self.pool is None:
             return {}
         dead = (self.usage < lc.restart_threshold).nonzero().flatten()
