@@ -258,3 +258,45 @@ def test_sparsevar_on_hart_disabled_is_dense_and_options_run():
         assert torch.isfinite(res.images).all()
         outs[opt] = res.canvas
     assert not torch.equal(outs["skip"], outs["cond"]) and not torch.equal(outs["skip"], outs["anchor"])
+
+
+def test_excluded_tokens_follow_the_policys_anchor_map(monkeypatch):
+    """anchor/cond use SparseVAR's Eq. 3 anchor (a top-left cell anchor), not the nearest computed token."""
+    from freqar.policies import make_policy
+    from freqar.policies.sparsevar import COPIED, anchor_mask
+
+    pipe = tiny_hart()
+    text = text_batch(pipe, [16, 6])
+    side = pipe.transformer.patch_nums[-1]
+    anchors = anchor_mask(side, side, 4).nonzero().flatten().tolist()
+    seen: list[torch.Tensor] = []
+    orig = pipe.transformer.diffusion_condition
+
+    def spy(hidden, idx, codebook):  # type: ignore[no-untyped-def]
+        seen.append(hidden)
+        return orig(hidden, idx, codebook)
+
+    monkeypatch.setattr(pipe.transformer, "diffusion_condition", spy)
+    recs = {}
+    heads: list[HARTHead] = []
+
+    def factory(*a, **k):  # type: ignore[no-untyped-def]
+        heads.append(HARTHead(*a, record=True, **k))
+        return heads[-1]
+
+    for opt in ("anchor", "cond", "skip"):
+        pol = make_policy("sparsevar", keep=0.5, beta=-1.0)  # beta = -1: every excluded token is copied
+        res = pipe.generate(text=text, seed=5, cfg=3.0, policy=pol, excluded=opt, head_factory=factory)
+        copied = res.policy_state.masks[-1].flatten(1) == COPIED  # (B, l)
+        assert copied.any(dim=1).all()
+        recs[opt] = (heads[-1].records["diff_residual"], res.tokens[-1], copied, seen[-1])
+    resid, idx, copied, _ = recs["anchor"]
+    for b, p in copied.nonzero().tolist():
+        same = [a for a in anchors if torch.equal(resid[b, p], resid[b, a])]
+        assert same, f"copied token {p} took no anchor's residual"
+        assert idx[b, p] == idx[b, same[0]]
+    _, _, copied, hidden = recs["cond"]  # hidden (R, l, C): every grid position's conditioning state
+    for b, p in copied.nonzero().tolist():
+        assert any(torch.equal(hidden[b, p], hidden[b, a]) for a in anchors), p
+    resid, _, copied, _ = recs["skip"]
+    assert (resid[copied] == 0).all() and (resid[~copied].abs().sum(-1) > 0).all()

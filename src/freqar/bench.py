@@ -459,10 +459,12 @@ class _TimedHARTHead(HARTHead):
 
     head_seconds = 0.0
 
-    def last_scale_residual(self, idx_Bl: torch.Tensor, stage: int, num_stages: int) -> Any:
+    def last_scale_residual(
+        self, idx_Bl: torch.Tensor, stage: int, num_stages: int, rows_Bl: torch.Tensor | None = None
+    ) -> Any:
         _sync(idx_Bl.device)
         t0 = time.perf_counter()
-        out = super().last_scale_residual(idx_Bl, stage, num_stages)
+        out = super().last_scale_residual(idx_Bl, stage, num_stages, rows_Bl)
         _sync(idx_Bl.device)
         self.head_seconds += time.perf_counter() - t0
         return out

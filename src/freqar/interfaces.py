@@ -48,6 +48,8 @@ class StagePrediction:
     A token policy returns this instead of a full (B, l, ...) tensor when many positions share a row
     (SparseVAR's copied tokens take their anchor's logits): the sampler then masks and normalises only
     the distinct rows, so its cost follows the computed tokens while the draws stay those of the full grid.
+    ``src`` is also the policy's anchor map: a head with per-token state beyond logits (HART's residual
+    diffusion) gives an excluded token its anchor's row of that state too.
     """
 
     rows: torch.Tensor

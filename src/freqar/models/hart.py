@@ -583,8 +583,11 @@ def hart_top_k(stage: int) -> int:
 
 EXCLUDED_OPTIONS = ("skip", "anchor", "cond")
 """What the last-scale residual does for tokens a token policy did not compute (they have no hidden state):
-``skip`` no residual (their code only); ``anchor`` they take the code and residual of the nearest computed
-token; ``cond`` the per-token head runs for them on the nearest computed token's hidden state (own code)."""
+``skip`` no residual (their code only); ``anchor`` they take the code and residual of their anchor; ``cond``
+the per-token head runs for them on their anchor's hidden state (with their own code). The anchor is the
+policy's: the row a :class:`~freqar.interfaces.StagePrediction` maps the token to (SparseVAR: the most
+similar anchor of Eq. 3). A policy that fills a plain tensor instead (FastVAR) gives no map; the nearest
+computed token stands in."""
 
 
 def nearest_computed(positions_Bn: torch.Tensor, side: int) -> torch.Tensor:
@@ -660,33 +663,40 @@ class HARTHead:
         self, full: torch.Tensor, stage: int, num_stages: int, generator: torch.Generator | None
     ) -> Any:
         from ..engine.sampling import SamplerConfig, sample_categorical
-        from ..interfaces import StageSample
+        from ..interfaces import StagePrediction, StageSample
 
         ratio = hart_ratio(stage, num_stages)
         sampler = SamplerConfig(top_k=int(self.top_k(stage)), top_p=self.top_p, smooth=self.smooth)
         idx, soft = sample_categorical(full, sampler, generator, ratio)
         values = None
         if stage == num_stages - 1 and self.residual.enabled:
-            values, remap = self.last_scale_residual(idx, stage, num_stages)
-            if remap is not None:  # "anchor": excluded tokens take the nearest computed token's code
+            rows = full.src if isinstance(full, StagePrediction) else None
+            values, remap = self.last_scale_residual(idx, stage, num_stages, rows)
+            if remap is not None:  # "anchor": excluded tokens take their anchor's code
                 idx = idx.gather(1, remap)
                 if soft is not None:
                     soft = soft.gather(1, remap[..., None].expand(-1, -1, soft.shape[-1]))
         return StageSample(idx=idx, soft=soft, values=values)
 
     def last_scale_residual(
-        self, idx_Bl: torch.Tensor, stage: int, num_stages: int
+        self, idx_Bl: torch.Tensor, stage: int, num_stages: int, rows_Bl: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Residual (B, l, Cvae) of every last-scale token (times ``vae_scale``) and, for the "anchor" option,
-        the position each token's code is copied from (None = its own)."""
+        the position each token's code is copied from (None = its own).
+
+        ``rows_Bl``: the policy's map from grid position to computed row (``StagePrediction.src``); without
+        it a subset run falls back to the nearest computed token. Positions whose row is not their own
+        (excluded, or padding of a ragged selection) follow ``residual.excluded``.
+        """
         assert self._hidden is not None and self._cond is not None
         hidden = self._hidden
         B, l = idx_Bl.shape
         pos = self._cond.positions
-        src = None
+        src = own = None
         if hidden.shape[1] != l:  # a token policy computed a subset: see EXCLUDED_OPTIONS
             assert pos is not None
-            src = nearest_computed(pos, self.transformer.patch_nums[-1])  # (B, l) nearest computed column
+            src = rows_Bl if rows_Bl is not None else nearest_computed(pos, self.transformer.patch_nums[-1])
+            own = pos.gather(1, src) == torch.arange(l, device=src.device)  # (B, l) computed itself
             R = hidden.shape[0]
             if self.residual.excluded == "cond":
                 hidden = hidden.gather(1, src.repeat(R // B, 1)[..., None].expand(-1, -1, hidden.shape[-1]))
@@ -708,13 +718,12 @@ class HARTHead:
         n = idx_Bl.shape[1]
         out = res[: B * n].view(B, n, -1) * self.transformer.cfg.vae_scale
         remap = None
-        if src is not None and pos is not None:
+        if src is not None and pos is not None and own is not None:
+            out = out.gather(1, src[..., None].expand(-1, -1, out.shape[-1]))
             if self.residual.excluded == "anchor":
-                out = out.gather(1, src[..., None].expand(-1, -1, out.shape[-1]))
                 remap = pos.gather(1, src)
             else:  # skip: residual only where the token was computed
-                full = out.new_zeros(B, l, out.shape[-1])
-                out = full.scatter(1, pos[..., None].expand(-1, -1, out.shape[-1]), out)
+                out = out * own[..., None].to(out.dtype)
         if self.records is not None:
             self.records["diff_cond"] = z
             self.records["diff_residual"] = out
