@@ -178,7 +178,8 @@ def test_bad_inputs_give_clear_errors(fixture_models, tmp_path):
         (["--model", "infinity-tiny", "--resolution", "3M"], "unknown resolution"),
         (["--model", "infinity-tiny", "--labels", "1"], "--labels does not apply"),
         (["--model", "var-tiny", "--h-div-w", "0.5"], "apply to Infinity models only"),
-        (["--model", "infinity-8b"], "spatial patchify"),
+        (["--model", "infinity-tiny", "--negative-prompt", "blur"], "--negative-prompt needs --prompt"),
+        (["--model", "var-tiny", "--negative-prompt", "blur"], "applies to Infinity models only"),
     ],
 )
 def test_cli_errors_are_one_line(argv, msg, capsys, tmp_path):
@@ -220,11 +221,24 @@ def _tiny_t5_dir(root: Path, d_model: int) -> Path:
     return d
 
 
-def test_tiny_t5_prompts_end_to_end(tmp_path):
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory) -> Path:
+    """One tiny T5 folder for the module (building and loading it is the slow part of these tests)."""
+    return _tiny_t5_dir(
+        tmp_path_factory.mktemp("t5"), get_infinity_spec("infinity-tiny").transformer.text_channels
+    )
+
+
+@pytest.fixture(scope="module")
+def t5_encoder(t5_dir):
     from freqar.text import T5TextEncoder
 
+    return T5TextEncoder(t5_dir, max_length=16)
+
+
+def test_tiny_t5_prompts_end_to_end(tmp_path, t5_dir, t5_encoder):
     spec = get_infinity_spec("infinity-tiny")
-    enc = T5TextEncoder(_tiny_t5_dir(tmp_path, spec.transformer.text_channels), max_length=16)
+    enc = t5_encoder
     feats, lens = enc.encode(["a cat", "a photo of the red dog on the mat"])
     assert lens.tolist() == [3, 10] and feats.shape == (2, 10, spec.transformer.text_channels)
     assert torch.all(feats[0, 3:] == 0)
@@ -239,7 +253,37 @@ def test_tiny_t5_prompts_end_to_end(tmp_path):
     rc = main(
         [
             "generate", "--model", "infinity-tiny", "--prompt", "a red cat", "--text-encoder",
-            str(tmp_path / "t5"), "--resolution", "0.06M", "--h-div-w", "2", "--out", str(out), "--quiet",
+            str(t5_dir), "--resolution", "0.06M", "--h-div-w", "2", "--out", str(out), "--quiet",
         ]
     )  # fmt: skip
+    assert rc == 0 and out.is_file()
+
+
+def test_negative_prompt_replaces_the_null_text(tmp_path, t5_dir, t5_encoder):
+    pipe: InfinityPipeline = build_infinity_pipeline(get_infinity_spec("infinity-tiny"))
+    pipe.text_encoder = t5_encoder
+    prompts = ["a cat", "a photo of the red dog on the mat"]
+    kw = dict(resolution="0.06M", seed=2, top_k=0, top_p=0.0)
+    base = pipe.generate(prompts, **kw)
+    # default = null text cfg_uncond[:len] per prompt: passing exactly that as "negative" changes nothing
+    feats, lens = pipe.encode(prompts)
+    null = torch.zeros_like(feats)
+    for b, n in enumerate(lens.tolist()):
+        null[b, :n] = pipe.model.cfg_uncond[:n].detach()
+    same = pipe.generate(prompts, negative=(null, lens), **kw)
+    assert all(torch.equal(a, b) for a, b in zip(base.tokens, same.tokens, strict=True))
+    assert torch.equal(base.images, same.images)
+    neg = pipe.generate(prompts, negative_prompt="the red mat", **kw)
+    assert not torch.equal(neg.images, base.images)
+    assert sum(int((a != b).sum()) for a, b in zip(base.tokens, neg.tokens, strict=True)) > 0
+    # one negative prompt serves the batch = the same prompt given per row
+    per_row = pipe.generate(prompts, negative_prompt=["the red mat"] * 2, **kw)
+    assert torch.equal(per_row.images, neg.images)
+    with pytest.raises(InvalidOption, match="3 negative prompts for a batch of 2"):
+        pipe.generate(prompts, negative_prompt=["a", "b", "c"], **kw)
+    with pytest.raises(InvalidOption, match="needs guidance"):
+        pipe.generate(prompts, negative_prompt="the red mat", cfg=1.0, **kw)
+    out = tmp_path / "neg.png"
+    argv = ["generate", "--model", "infinity-tiny", "--prompt", "a red cat", "--negative-prompt", "a dog"]
+    rc = main([*argv, "--text-encoder", str(t5_dir), "--out", str(out), "--quiet"])
     assert rc == 0 and out.is_file()

@@ -93,6 +93,62 @@ def load_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         raise WeightsNotFound(f"cannot read safetensors file '{p}': {e}") from None
 
 
+# Index names transformers writes for sharded checkpoints, in the order it prefers them.
+SHARD_INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def find_shard_index(path: str | os.PathLike[str]) -> Path:
+    """The ``*.index.json`` of a sharded checkpoint: ``path`` itself, or the one index in folder ``path``."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise WeightsNotFound(f"sharded checkpoint not found: '{p}'")
+    for name in SHARD_INDEX_NAMES:
+        if (p / name).is_file():
+            return p / name
+    found = sorted(p.glob("*.index.json"))
+    if not found:
+        raise WeightsNotFound(f"no shard index (*.index.json) in '{p}'")
+    if len(found) > 1:
+        names = ", ".join(f.name for f in found)
+        raise WeightsNotFound(f"several shard indexes in '{p}' ({names}); pass the one to use")
+    return found[0]
+
+
+def load_sharded_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Merge a sharded state dict (transformers' layout: an index JSON whose ``weight_map`` maps each key to
+    a ``.safetensors`` or ``.bin``/``.pth`` shard beside it), every shard read safely (``weights_only``).
+
+    ``path`` is the folder or the index file. A missing index or shard, a shard without the keys the index
+    assigns to it, or a key in two shards is a one-line error naming the file.
+    """
+    index = find_shard_index(path)
+    meta = read_json(index)
+    wmap = meta.get("weight_map") if isinstance(meta, dict) else None
+    if not isinstance(wmap, dict) or not wmap or not all(isinstance(v, str) for v in wmap.values()):
+        raise CheckpointMismatch(f"'{index}' has no 'weight_map' of key -> shard file")
+    shards: dict[str, list[str]] = {}
+    for key, fname in wmap.items():
+        shards.setdefault(fname, []).append(key)
+    state: dict[str, torch.Tensor] = {}
+    for fname in sorted(shards):
+        f = index.parent / fname
+        if not f.is_file():
+            raise WeightsNotFound(f"shard '{fname}' listed in '{index}' not found")
+        part = load_safetensors(f) if fname.endswith(".safetensors") else load_torch_file(f)
+        missing = [k for k in shards[fname] if k not in part]
+        if missing:
+            raise CheckpointMismatch(
+                f"shard '{f}' lacks keys that '{index.name}' assigns to it: {_abbrev(missing)}"
+            )
+        twice = [k for k in part if k in state]
+        if twice:
+            raise CheckpointMismatch(f"shard '{f}' repeats keys of another shard: {_abbrev(twice)}")
+        state.update(part)
+    return state
+
+
 def save_safetensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor]) -> None:
     """Save tensors atomically in safetensors format (contiguous, CPU copies)."""
     from safetensors.torch import save_file

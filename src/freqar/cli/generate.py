@@ -49,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--text-encoder", help="local text-encoder folder (HART: a Qwen2 copy)")
     t.add_argument("--h-div-w", type=float, help="Infinity: height/width, nearest template (1.0)")
     t.add_argument("--resolution", help="Infinity: 0.06M, 0.25M, 0.60M or 1M (default 1M)")
+    t.add_argument(
+        "--negative-prompt", help="Infinity: text whose features replace the null text in CFG's uncond half"
+    )
     add_far_args(p)
     a = p.add_argument_group("acceleration (token policies)")
     a.add_argument(
@@ -106,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     out = check_writable(args.out)
     masks_out = check_writable(args.save_masks) if args.save_masks else None
     policy = build_policy(args)
+    if args.negative_prompt is not None and not is_infinity_model(args.model):
+        raise InvalidOption("--negative-prompt applies to Infinity models only")
     from ..models.far_pipeline import is_far_model
 
     if is_far_model(args.model):

@@ -33,11 +33,18 @@ def run_infinity(args: argparse.Namespace, policy: Any, out: Path) -> int:
     spec = get_infinity_spec(args.model)
     device = resolve_device(args.device)
     prompts = list(getattr(args, "prompt", None) or [])
+    negative = getattr(args, "negative_prompt", None)
     encoder_dir = getattr(args, "text_encoder", None)
     if prompts and encoder_dir is None:
         raise InvalidOption("--prompt needs --text-encoder DIR (a local T5 copy, e.g. google/flan-t5-xl)")
     if encoder_dir is not None and not prompts:
         raise InvalidOption("--text-encoder given but no --prompt")
+    if negative is not None and not prompts:
+        raise InvalidOption("--negative-prompt needs --prompt and --text-encoder")
+    if negative is not None and not negative.strip():
+        raise InvalidOption("--negative-prompt is empty")
+    if negative is not None and args.cfg == 1:
+        raise InvalidOption("--negative-prompt needs guidance; with --cfg 1 it has no effect")
     pipe = load_infinity(args.model, transformer=args.weights, vae=args.vae, device=device)
     if encoder_dir is not None:
         from ..text import T5TextEncoder
@@ -58,6 +65,7 @@ def run_infinity(args: argparse.Namespace, policy: Any, out: Path) -> int:
     res = pipe.generate(
         prompts or None,
         text=text,
+        negative_prompt=negative,
         h_div_w=h_div_w,
         resolution=resolution,
         seed=args.seed,
@@ -73,6 +81,7 @@ def run_infinity(args: argparse.Namespace, policy: Any, out: Path) -> int:
     n = res.images.shape[0]
     H, W = pipe.image_size(h_div_w, resolution)
     what = f"{len(prompts)} prompt(s)" if prompts else "random text features (no --prompt)"
+    what += ", negative prompt" if negative is not None else ""
     print(
         f"wrote {out} ({n} image{'s' if n > 1 else ''}, {H}x{W}px, {len(grids)} scales, {what}; "
         f"transformer {res.transformer_seconds:.2f}s, decode {res.decode_seconds:.2f}s)"

@@ -90,7 +90,7 @@ class InfinityConfig:
     block_chunks: int = 8
     text_channels: int = 2048
     text_maxlen: int = 512
-    codebook_dim: int = 32
+    codebook_dim: int = 32  # bits per token: the VAE's d (x4 with 8B's 2x2 spatial patchify)
     norm_eps: float = 1e-6
     rope_base: float = 10000.0
     rope_max_grid: int = 128

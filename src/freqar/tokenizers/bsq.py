@@ -5,6 +5,12 @@ each channel snaps to ±1/√d (bit 1 = positive). Encoding is multi-scale and r
 residual to a scale, quantise, trilinear-upsample the codes back to the full latent grid and subtract. The
 decoder reads the sum of all upsampled codes. ``BSQStages`` binds the VAE to one scale schedule (any h/w
 template) and is what the generation engine drives.
+
+Spatial patchify (Infinity-8B: factor p = 2): the transformer's schedule is the template's, the VAE works on
+every grid scaled by p, and one transformer token carries the p×p latent cells below it as p²·d bits. The
+token layout is PyTorch's ``pixel_unshuffle``: channel ``c·p² + i·p + j`` of token (y, x) is VAE channel c at
+cell (p·y + i, p·x + j); ``pixel_shuffle`` inverts it. Every method that takes a ``patchify`` factor takes
+the transformer's schedule and token layout; the default 1 is the plain (2B) case.
 """
 
 from __future__ import annotations
@@ -103,6 +109,34 @@ def bits_to_codes(bits_BlD: torch.Tensor, scale: float) -> torch.Tensor:
     return F.normalize(codes, dim=-1)
 
 
+def token_codes(bits_BlD: torch.Tensor, scale: float, p: int = 1) -> torch.Tensor:
+    """Bits in token layout (B, l, p²·d) -> codes in that layout, unit-norm per latent cell (d bits)."""
+    if p == 1:
+        return bits_to_codes(bits_BlD, scale)
+    B, l, D = bits_BlD.shape  # channel c·p² + s: put the d channels of each sub-cell s last
+    cells = bits_BlD.reshape(B, l, D // (p * p), p * p).transpose(-1, -2)
+    return bits_to_codes(cells, scale).transpose(-1, -2).reshape(B, l, D)
+
+
+def depth_to_space(tokens_BlD: torch.Tensor, grid: tuple[int, int], p: int) -> torch.Tensor:
+    """Tokens (B, h·w, p²·d) row-major -> latent map (B, d, p·h, p·w) (``pixel_shuffle``; p = 1: reshape)."""
+    x = tokens_BlD.transpose(1, 2).reshape(tokens_BlD.shape[0], -1, *grid)
+    return x if p == 1 else F.pixel_shuffle(x, p)
+
+
+def space_to_depth(x_BdHW: torch.Tensor, p: int) -> torch.Tensor:
+    """Latent map (B, d, p·h, p·w) -> tokens (B, h·w, p²·d) row-major (``pixel_unshuffle``)."""
+    if p != 1:
+        x_BdHW = F.pixel_unshuffle(x_BdHW, p)
+    return x_BdHW.flatten(2).transpose(1, 2)
+
+
+def _check_patchify(p: int) -> int:
+    if int(p) != p or p < 1:
+        raise InvalidOption(f"spatial patchify factor must be a positive integer, got {p}")
+    return int(p)
+
+
 def _resize(x_BdHW: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     """Upstream works on 5-D (B,d,1,H,W) tensors; resize through the same op (trilinear/area with T=1)."""
     return F.interpolate(x_BdHW.unsqueeze(2), size=(1, *size), mode=mode).squeeze(2)
@@ -164,37 +198,49 @@ class BSQVAE(nn.Module):
             bits.append(b.flatten(2).transpose(1, 2))
         return summed, bits
 
-    def encode(self, img_B3HW: torch.Tensor, schedule: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """Image in [-1, 1] -> bit labels per scale, each (B, h·w, d)."""
-        return self.quantize(self.encode_raw(img_B3HW), schedule)[1]
+    def encode(
+        self, img_B3HW: torch.Tensor, schedule: list[tuple[int, int]], patchify: int = 1
+    ) -> list[torch.Tensor]:
+        """Image in [-1, 1] -> bit labels per scale, each (B, h·w, p²·d) for the transformer's grids."""
+        p = _check_patchify(patchify)
+        vae_grids = [(h * p, w * p) for h, w in schedule]
+        bits = self.quantize(self.encode_raw(img_B3HW), vae_grids)[1]
+        if p == 1:
+            return bits
+        return [space_to_depth(depth_to_space(b, g, 1), p) for b, g in zip(bits, vae_grids, strict=True)]
 
-    def codes_map(self, bits_BlD: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Bits (B, h·w, d) row-major -> codes laid out (B, d, h, w)."""
-        codes = bits_to_codes(bits_BlD, self.cfg.codebook_scale)
-        return codes.transpose(1, 2).reshape(codes.shape[0], -1, *grid)
+    def codes_map(self, bits_BlD: torch.Tensor, grid: tuple[int, int], patchify: int = 1) -> torch.Tensor:
+        """Bits (B, h·w, p²·d) row-major -> codes laid out (B, d, p·h, p·w), each code unit-norm over d."""
+        p = _check_patchify(patchify)
+        return depth_to_space(token_codes(bits_BlD, self.cfg.codebook_scale, p), grid, p)
 
-    def summed_from_bits(self, bits: list[torch.Tensor], schedule: list[tuple[int, int]]) -> torch.Tensor:
-        """Σ trilinear-up(codes of each scale) at the last grid (upstream ``decode_from_indices``)."""
-        H, W = schedule[-1]
+    def summed_from_bits(
+        self, bits: list[torch.Tensor], schedule: list[tuple[int, int]], patchify: int = 1
+    ) -> torch.Tensor:
+        """Σ trilinear-up(codes of each scale) at the last VAE grid (upstream ``decode_from_indices``)."""
+        p = patchify
+        H, W = schedule[-1][0] * p, schedule[-1][1] * p
         out = None
         for b, grid in zip(bits, schedule, strict=True):
-            c = self.codes_map(b, grid)
-            c = c if grid == (H, W) else _resize(c, (H, W), "trilinear")
+            c = self.codes_map(b, grid, p)
+            c = c if c.shape[-2:] == (H, W) else _resize(c, (H, W), "trilinear")
             out = c if out is None else out + c
         assert out is not None
         return out
 
     def teacher_forcing_input(
-        self, bits: list[torch.Tensor], schedule: list[tuple[int, int]]
+        self, bits: list[torch.Tensor], schedule: list[tuple[int, int]], patchify: int = 1
     ) -> torch.Tensor:
         """Transformer inputs of scales 1..S-1: running code sum resized (trilinear) to each next grid."""
-        H, W = schedule[-1]
+        p = _check_patchify(patchify)
+        H, W = schedule[-1][0] * p, schedule[-1][1] * p
         summed = None
         outs = []
         for k in range(len(schedule) - 1):
-            c = _resize(self.codes_map(bits[k], schedule[k]), (H, W), "trilinear")
+            c = _resize(self.codes_map(bits[k], schedule[k], p), (H, W), "trilinear")
             summed = c if summed is None else summed + c
-            outs.append(_resize(summed, schedule[k + 1], "trilinear").flatten(2).transpose(1, 2))
+            nh, nw = schedule[k + 1]
+            outs.append(space_to_depth(_resize(summed, (nh * p, nw * p), "trilinear"), p))
         return torch.cat(outs, dim=1)
 
     def decode_latent(self, z_BdHW: torch.Tensor) -> torch.Tensor:
@@ -215,43 +261,49 @@ class BSQVAE(nn.Module):
                 )
         load_state_dict_strict(self, state, source=source, ignore=lambda k: k in _MASK_BUFFERS)
 
-    def stages(self, schedule: list[tuple[int, int]]) -> BSQStages:
-        return BSQStages(self, schedule)
+    def stages(self, schedule: list[tuple[int, int]], patchify: int = 1) -> BSQStages:
+        return BSQStages(self, schedule, patchify)
 
 
 class BSQStages:
-    """The VAE bound to one scale schedule: the engine's tokenizer (canvas = summed codes (B,d,H,W))."""
+    """The VAE bound to one scale schedule: the engine's tokenizer (canvas = summed codes (B,d,pH,pW)).
 
-    def __init__(self, vae: BSQVAE, schedule: list[tuple[int, int]]) -> None:
+    ``schedule`` is the transformer's; with ``patchify`` p the VAE grids are p times larger and a token
+    holds the p×p cells under it (module docstring). The engine and token policies only see token grids.
+    """
+
+    def __init__(self, vae: BSQVAE, schedule: list[tuple[int, int]], patchify: int = 1) -> None:
         self.vae = vae
         self.schedule = validate_schedule(schedule)
+        self.patchify = p = _check_patchify(patchify)
+        self.vae_schedule = [(h * p, w * p) for h, w in self.schedule]
 
     def stage_grids(self) -> list[tuple[int, int]]:
         return list(self.schedule)
 
     def init_canvas(self, batch: int, device: torch.device | str) -> torch.Tensor:
-        H, W = self.schedule[-1]
+        H, W = self.vae_schedule[-1]
         return torch.zeros(batch, self.vae.d, H, W, device=device)
 
     def next_input(self, canvas: torch.Tensor, stage: int) -> torch.Tensor:
-        """Input of ``stage``: the running sum trilinear-resized to its grid, flattened (B, h·w, d)."""
-        return _resize(canvas, self.schedule[stage], "trilinear").flatten(2).transpose(1, 2)
+        """Input of ``stage``: the running sum trilinear-resized to its VAE grid, as tokens (B, h·w, p²·d)."""
+        return space_to_depth(_resize(canvas, self.vae_schedule[stage], "trilinear"), self.patchify)
 
     def token_vectors(self, sample: StageSample) -> torch.Tensor:
-        """Sampled bits (B, l, d) -> unit codes (B, l, d)."""
+        """Sampled bits (B, l, p²·d) -> codes (B, l, p²·d), unit-norm per latent cell (over its d bits)."""
         assert sample.idx is not None
-        return bits_to_codes(sample.idx, self.vae.cfg.codebook_scale)
+        return token_codes(sample.idx, self.vae.cfg.codebook_scale, self.patchify)
 
     def update(
         self, canvas: torch.Tensor, h_BlC: torch.Tensor, stage: int, keep_Bl: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Add a stage's upsampled codes; ``keep_Bl`` False = zero contribution (a code is never zero)."""
+        """Add a stage's upsampled codes; ``keep_Bl`` False = zero contribution (a code is never zero);
+        an excluded token zeroes all p×p cells it carries."""
         if keep_Bl is not None:
             h_BlC = h_BlC * keep_Bl.unsqueeze(-1).to(h_BlC.dtype)
-        grid = self.schedule[stage]
-        codes = h_BlC.transpose(1, 2).reshape(h_BlC.shape[0], -1, *grid)
+        codes = depth_to_space(h_BlC, self.schedule[stage], self.patchify)
         if stage != len(self.schedule) - 1:
-            codes = _resize(codes, self.schedule[-1], "trilinear")
+            codes = _resize(codes, self.vae_schedule[-1], "trilinear")
         return canvas.add_(codes)
 
     def decode(self, canvas: torch.Tensor) -> torch.Tensor:
