@@ -167,6 +167,10 @@ def create_model(
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise WeightsNotFound(f"'{p}' is a directory without config.json")
+        from .models.hart_class import is_hart_class_dir, load_hart_class_dir
+
+        if is_hart_class_dir(p):  # a `freqar train hart` export: same generate/eval surface
+            return load_hart_class_dir(p).to(device)  # type: ignore[return-value]
         return load_pipeline_dir(p).to(device)
     bundled = bundled_dir(name_or_path)
     if bundled is not None and vae is None and var is None:

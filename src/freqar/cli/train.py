@@ -13,11 +13,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train a tokenizer or a VAR model. "
         "Re-running the same command resumes from OUT/checkpoint.pt.",
     )
-    p.add_argument("what", choices=("tokenizer", "var"), help="which model to train")
+    p.add_argument(
+        "what",
+        choices=("tokenizer", "var", "hart-tokenizer", "hart"),
+        help="which model to train (hart-tokenizer: HART's hybrid VQ + continuous tokenizer)",
+    )
     p.add_argument("--config", help="YAML file with sections model/data/optim/run (and loss or var)")
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, loss.png, config.yaml, exports")
     p.add_argument("--data", help="shortcut for data.path=DIR")
-    p.add_argument("--tokenizer", help="(var) shortcut for var.tokenizer=DIR")
+    p.add_argument("--tokenizer", help="(var) shortcut for var.tokenizer=DIR; (hart) for hart.tokenizer=DIR")
     p.add_argument("--steps", type=int, help="shortcut for run.steps=N")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     p.add_argument(
@@ -47,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     from ..io import atomic_write
     from ..train.config import TokenizerTrainConfig, VARTrainConfig, load_config, to_dict
     from ..train.dist import init_distributed, shutdown
+    from ..train.hart import HARTTrainConfig, train_hart
+    from ..train.hart_tokenizer import HARTTokenizerTrainConfig, train_hart_tokenizer
     from ..train.run import train_tokenizer, train_var
 
     overrides = list(args.overrides) + list(args.sets)
@@ -55,12 +61,18 @@ def run(args: argparse.Namespace) -> int:
     if args.steps is not None:
         overrides.append(f"run.steps={args.steps}")
     if args.tokenizer:
-        if args.what != "var":
+        key = {"var": "var.tokenizer", "hart": "hart.tokenizer"}.get(args.what)
+        if key is None:
             from ..errors import InvalidOption
 
-            raise InvalidOption("--tokenizer is only for `freqar train var`")
-        overrides.append(f"var.tokenizer={args.tokenizer}")
-    default = TokenizerTrainConfig() if args.what == "tokenizer" else VARTrainConfig()
+            raise InvalidOption("--tokenizer is only for `freqar train var` and `freqar train hart`")
+        overrides.append(f"{key}={args.tokenizer}")
+    default, fn = {
+        "tokenizer": (TokenizerTrainConfig(), train_tokenizer),
+        "var": (VARTrainConfig(), train_var),
+        "hart-tokenizer": (HARTTokenizerTrainConfig(), train_hart_tokenizer),
+        "hart": (HARTTrainConfig(), train_hart),
+    }[args.what]
     cfg = load_config(default, args.config, overrides)
     ctx = init_distributed(args.device)
     out = Path(args.out)
@@ -71,7 +83,6 @@ def run(args: argparse.Namespace) -> int:
             out.mkdir(parents=True, exist_ok=True)
             text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
             atomic_write(out / "config.yaml", lambda p: p.write_text(text))
-        fn = train_tokenizer if args.what == "tokenizer" else train_var
         res = fn(cfg, out, ctx, progress=False if args.no_progress else None, export_only=args.export_only)
         if isinstance(res, Path):
             print(f"exported {args.what} from {out / 'checkpoint.pt'} to {res}")

@@ -632,6 +632,7 @@ class HARTHead:
         top_p: float = 0.0,
         smooth: bool = False,
         top_k: Any = hart_top_k,
+        temperature: float = 1.0,
         residual: ResidualConfig = ResidualConfig(),
         diffusion_generator: torch.Generator | None = None,
         record: bool = False,
@@ -644,6 +645,7 @@ class HARTHead:
         self.top_p = top_p
         self.smooth = smooth
         self.top_k = top_k
+        self.temperature = temperature
         self.residual = residual
         self.diffusion_generator = diffusion_generator
         self.records: dict[str, torch.Tensor] | None = {} if record else None
@@ -666,7 +668,9 @@ class HARTHead:
         from ..interfaces import StagePrediction, StageSample
 
         ratio = hart_ratio(stage, num_stages)
-        sampler = SamplerConfig(top_k=int(self.top_k(stage)), top_p=self.top_p, smooth=self.smooth)
+        sampler = SamplerConfig(
+            top_k=int(self.top_k(stage)), top_p=self.top_p, temperature=self.temperature, smooth=self.smooth
+        )
         idx, soft = sample_categorical(full, sampler, generator, ratio)
         values = None
         if stage == num_stages - 1 and self.residual.enabled:

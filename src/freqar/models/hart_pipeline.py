@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +38,14 @@ from .hart import (
 
 @dataclass(frozen=True)
 class HARTDefaults:
-    """Upstream's sampling defaults (sample.py): cfg 4.5, top-p off, more_smooth on, seed 1."""
+    """Upstream's sampling defaults (sample.py): cfg 4.5, top-p off, more_smooth on, seed 1; ``top_k`` None
+    is upstream's fixed 600-then-300 schedule (a trained model may set a constant, 0 = off)."""
 
     cfg: float = 4.5
     top_p: float = 0.0
     smooth: bool = True
     seed: int = 1
+    top_k: int | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,8 @@ class HARTPipeline(ModuleBundle):
         cfg: float | None = None,
         top_p: float | None = None,
         smooth: bool | None = None,
+        top_k: int | None = None,
+        temperature: float = 1.0,
         residual: bool = True,
         excluded: str = "skip",
         policy: TokenPolicy | None = None,
@@ -143,7 +148,8 @@ class HARTPipeline(ModuleBundle):
 
         ``excluded`` (skip, anchor, cond): the last-scale residual of tokens a policy skipped (see
         ``models.hart.EXCLUDED_OPTIONS``). ``seed`` seeds two generators, as upstream has two streams:
-        the categorical draws (seed) and the residual diffusion noise (seed + 1).
+        the categorical draws (seed) and the residual diffusion noise (seed + 1). ``top_k`` None keeps the
+        model's default (upstream: the 600/300 schedule); a number is used at every stage (0 = off).
         """
         d = self.defaults
         if text is None:
@@ -157,6 +163,11 @@ class HARTPipeline(ModuleBundle):
         if not 0.0 <= top_p <= 1.0:
             raise InvalidOption(f"top_p must be in [0, 1], got {top_p}")
         seed = d.seed if seed is None else seed
+        top_k = d.top_k if top_k is None else top_k
+        if top_k is not None and top_k < 0:
+            raise InvalidOption(f"top_k must be >= 0, got {top_k}")
+        if not temperature > 0:
+            raise InvalidOption(f"temperature must be > 0, got {temperature}")
         dev = self.device
         gen = torch.Generator(device=dev).manual_seed(seed)
         dgen = torch.Generator(device=dev).manual_seed(seed + 1)
@@ -165,9 +176,12 @@ class HARTPipeline(ModuleBundle):
         kw: dict[str, Any] = dict(
             top_p=top_p,
             smooth=d.smooth if smooth is None else smooth,
+            temperature=temperature,
             residual=ResidualConfig(enabled=residual, excluded=excluded),
             diffusion_generator=dgen,
         )
+        if top_k is not None:
+            kw["top_k"] = partial(_constant_top_k, top_k)
         head = (head_factory or HARTHead)(self.transformer, self.tokenizer.quantize.embedding, guidance, **kw)
         cond = self.transformer.condition(text.to(dev), guidance.enabled)
         return generate(
@@ -181,6 +195,10 @@ class HARTPipeline(ModuleBundle):
             record_logits=record_logits,
             condition=cond,
         )
+
+
+def _constant_top_k(k: int, stage: int) -> int:
+    return k
 
 
 def build_hart_pipeline(spec: HARTSpec, *, init_seed: int | None = 0) -> HARTPipeline:

@@ -75,16 +75,24 @@ class VQTrainModule(nn.Module):
             z = F.interpolate(f_rest, size=(pn, pn), mode="area") if si != S - 1 else f_rest
             z_NC = z.permute(0, 2, 3, 1).reshape(-1, C)
             idx_Bl = q.nearest_code(z_NC).view(B, pn * pn)
-            h = q.residual(q.codes_to_map(idx_Bl, pn), si)
+            h = self.scale_vectors(idx_Bl, pn, si)
             f_hat = f_hat + h
             f_rest = f_rest - h.detach()
             vq_loss = vq_loss + vae.cfg.beta * F.mse_loss(f_hat.detach(), f) + F.mse_loss(f_hat, f_ng)
             codes.append(idx_Bl)
             zs.append(z_NC)
         vq_loss = vq_loss / S
-        f_st = (f_hat.detach() - f_ng) + f  # straight-through: decoder sees f_hat, gradient reaches f
-        rec = vae.decoder(vae.post_quant_conv(f_st))
+        rec = vae.decoder(vae.post_quant_conv(self.decoder_input(f, f_hat)))
         return rec, vq_loss, codes, torch.cat(zs)
+
+    def scale_vectors(self, idx_Bl: torch.Tensor, pn: int, si: int) -> torch.Tensor:
+        """Scale ``si``'s codes on the latent grid, Phi(up(emb(idx))) (a subclass may change the rule)."""
+        q = self.vae.quantize
+        return q.residual(q.codes_to_map(idx_Bl, pn), si)
+
+    def decoder_input(self, f: torch.Tensor, f_hat: torch.Tensor) -> torch.Tensor:
+        """Straight-through: the decoder sees ``f_hat``, the gradient reaches the encoder's ``f``."""
+        return (f_hat.detach() - f.detach()) + f
 
 
 class TokenizerTask:
