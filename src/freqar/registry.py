@@ -76,15 +76,17 @@ def _tiny() -> ModelSpec:
 
 # Models whose trained weights ship inside the package: preset name -> folder under freqar/assets.
 BUNDLED = {"emoji": "emoji-default"}
+BUNDLED_FAR = {"far-emoji": "far-emoji"}  # FAR family (models/far_pipeline.py builds their presets)
 
 
 def bundled_dir(name: str) -> Path | None:
     """The package-data folder of a bundled model, or None when its weights are not installed."""
-    if name not in BUNDLED:
+    folder = BUNDLED.get(name) or BUNDLED_FAR.get(name)
+    if folder is None:
         return None
     from importlib.resources import files
 
-    d = Path(str(files("freqar").joinpath("assets", BUNDLED[name])))
+    d = Path(str(files("freqar").joinpath("assets", folder)))
     return d if (d / "config.json").is_file() and (d / "model.safetensors").is_file() else None
 
 
@@ -163,6 +165,11 @@ def create_model(
     - a preset name with ``download=True`` -> its hub files through ``huggingface_hub``;
     - otherwise the preset is built with random weights (``pretrained=True`` makes that an error).
     """
+    from .models.far_pipeline import create_far_model, is_far_model
+
+    if is_far_model(name_or_path):  # FAR presets and folders: the same generate/eval surface
+        far = create_far_model(name_or_path, vae=vae, checkpoint=var, device=device, init_seed=init_seed)
+        return far  # type: ignore[return-value]
     p = Path(name_or_path)
     if p.is_dir():
         if not (p / "config.json").is_file():

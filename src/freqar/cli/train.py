@@ -9,19 +9,28 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train a multi-scale VQ tokenizer or a VAR transformer (resumable; torchrun for DDP)",
-        description="Train a tokenizer or a VAR model. "
+        help="train a tokenizer (VQ or KL), a VAR or a FAR transformer (resumable; torchrun for DDP)",
+        description="Train a tokenizer (multi-scale VQ for VAR, KL autoencoder for FAR), a VAR or a FAR "
+        "model. "
         "Re-running the same command resumes from OUT/checkpoint.pt.",
     )
     p.add_argument(
         "what",
-        choices=("tokenizer", "var", "hart-tokenizer", "hart"),
+        choices=("tokenizer", "var", "far", "hart-tokenizer", "hart"),
         help="which model to train (hart-tokenizer: HART's hybrid VQ + continuous tokenizer)",
+    )
+    p.add_argument(
+        "--kind",
+        choices=("vq", "kl"),
+        help="(tokenizer) vq: multi-scale VQVAE for VAR (default); kl: KL autoencoder for FAR",
     )
     p.add_argument("--config", help="YAML file with sections model/data/optim/run (and loss or var)")
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, loss.png, config.yaml, exports")
     p.add_argument("--data", help="shortcut for data.path=DIR")
-    p.add_argument("--tokenizer", help="(var) shortcut for var.tokenizer=DIR; (hart) for hart.tokenizer=DIR")
+    p.add_argument(
+        "--tokenizer",
+        help="(var) shortcut for var.tokenizer=DIR; (far) for far.kl=DIR; (hart) for hart.tokenizer=DIR",
+    )
     p.add_argument("--steps", type=int, help="shortcut for run.steps=N")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     p.add_argument(
@@ -34,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
-        help="config overrides right after tokenizer|var, e.g. optim.lr=3e-4",
+        help="config overrides right after tokenizer|var|far, e.g. optim.lr=3e-4",
     )
     p.add_argument(
         "--set",
@@ -48,11 +57,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import InvalidOption
     from ..io import atomic_write
     from ..train.config import TokenizerTrainConfig, VARTrainConfig, load_config, to_dict
     from ..train.dist import init_distributed, shutdown
+    from ..train.far import FARTrainConfig, train_far
     from ..train.hart import HARTTrainConfig, train_hart
     from ..train.hart_tokenizer import HARTTokenizerTrainConfig, train_hart_tokenizer
+    from ..train.kl import KLTrainConfig, train_kl
     from ..train.run import train_tokenizer, train_var
 
     overrides = list(args.overrides) + list(args.sets)
@@ -60,19 +72,22 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"data.path={args.data}")
     if args.steps is not None:
         overrides.append(f"run.steps={args.steps}")
+    if args.kind and args.what != "tokenizer":
+        raise InvalidOption("--kind is only for `freqar train tokenizer` (vq or kl)")
     if args.tokenizer:
-        key = {"var": "var.tokenizer", "hart": "hart.tokenizer"}.get(args.what)
+        key = {"var": "var.tokenizer", "far": "far.kl", "hart": "hart.tokenizer"}.get(args.what)
         if key is None:
-            from ..errors import InvalidOption
-
-            raise InvalidOption("--tokenizer is only for `freqar train var` and `freqar train hart`")
+            raise InvalidOption("--tokenizer is only for `freqar train var`, `far` and `hart`")
         overrides.append(f"{key}={args.tokenizer}")
+    kind = "kl" if args.what == "tokenizer" and args.kind == "kl" else args.what
     default, fn = {
         "tokenizer": (TokenizerTrainConfig(), train_tokenizer),
+        "kl": (KLTrainConfig(), train_kl),
         "var": (VARTrainConfig(), train_var),
+        "far": (FARTrainConfig(), train_far),
         "hart-tokenizer": (HARTTokenizerTrainConfig(), train_hart_tokenizer),
         "hart": (HARTTrainConfig(), train_hart),
-    }[args.what]
+    }[kind]
     cfg = load_config(default, args.config, overrides)
     ctx = init_distributed(args.device)
     out = Path(args.out)

@@ -332,12 +332,14 @@ class FARTransformer(nn.Module):
         generator: torch.Generator | None = None,
         level_weights: list[float] | None = None,
         level: int | None = None,
+        mask: bool | None = None,
     ) -> dict[str, torch.Tensor]:
         """Training loss on scaled latents; upstream's draw order: level, label drop, (mask), t, noise.
 
         One level per batch, uniform over 0..seq_h−1 (``level`` forces one); the target is the full latent at
         every position. ``level_weights[s]`` multiplies the loss of level s (the paper's frequency-aware
-        weighting; upstream's flag for it crashes).
+        weighting; upstream's flag for it crashes). ``mask`` overrides ``cfg.mask`` for this call (a trainer
+        that masks only some batches).
         """
         B = latent_BCHW.shape[0]
         dev = latent_BCHW.device
@@ -352,7 +354,7 @@ class FARTransformer(nn.Module):
             d = dropped.unsqueeze(-1).to(cls.dtype)
             cls = d * self.fake_latent + (1 - d) * cls
         keep = None
-        if self.training and self.cfg.mask:
+        if self.training and (self.cfg.mask if mask is None else mask):
             keep = self._random_keep(B, s, generator, dev)
         z = self.conditions(inp, cls, keep)
         mul, Cd = self.cfg.diffusion_batch_mul, self.cfg.decoder_embed_dim

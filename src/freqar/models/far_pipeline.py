@@ -222,7 +222,8 @@ class FARSpec:
 
 
 def far_presets() -> dict[str, FARSpec]:
-    """far-b/l/h (official ImageNet 256 px, weights from figereatfish/FAR) and far-tiny (random, tests)."""
+    """far-b/l/h (official ImageNet 256 px, weights from figereatfish/FAR), far-tiny (random, tests) and the
+    bundled far-emoji (trained here; listed only when its package data is installed)."""
     from .far import far_preset
 
     official = {
@@ -248,7 +249,28 @@ def far_presets() -> dict[str, FARSpec]:
             FARDefaults(cfg=2.0, steps="ddim4"),
         )
     )
+    specs += [_bundled_far_spec(n) for n in _bundled_far_names()]
     return {s.name: s for s in specs}
+
+
+def _bundled_far_names() -> list[str]:
+    from ..registry import BUNDLED_FAR, bundled_dir
+
+    return [n for n in BUNDLED_FAR if bundled_dir(n) is not None]
+
+
+def _bundled_far_spec(name: str) -> FARSpec:
+    """A FAR model whose weights ship in freqar/assets (no official files: ``files`` stays empty)."""
+    from ..registry import bundled_dir
+
+    d = bundled_dir(name)
+    assert d is not None
+    cfg = read_json(d / "config.json")
+    classes = cfg.get("class_names") or []
+    desc = cfg.get("description") or (
+        f"FAR trained here, bundled ({len(classes)} classes: {', '.join(classes)})"
+    )
+    return FARSpec(name, desc, KLConfig(**cfg["tokenizer"]), FARConfig(**cfg["transformer"]))
 
 
 def is_far_model(name_or_path: str) -> bool:
@@ -290,6 +312,14 @@ def create_far_model(
     presets = far_presets()
     if name_or_path not in presets:
         raise InvalidOption(f"unknown FAR model '{name_or_path}' ({', '.join(presets)})")
+    if name_or_path in _bundled_far_names():
+        from ..registry import bundled_dir
+
+        if vae is not None or checkpoint is not None:
+            raise InvalidOption(f"'{name_or_path}' ships its own weights; --vae/--checkpoint do not apply")
+        pipe = load_far_dir(bundled_dir(name_or_path))  # type: ignore[arg-type]
+        pipe.name = name_or_path
+        return pipe.to(device)
     spec = presets[name_or_path]
     if spec.files and (vae is None or checkpoint is None):
         missing = "--vae PATH" if vae is None else "--checkpoint PATH"

@@ -1,0 +1,271 @@
+"""Training MAR's KL autoencoder (``freqar train tokenizer --kind kl``): pixel loss + a small KL term.
+
+The decoder always sees a posterior *sample* (reparameterised, noise from the per-step generator so resume
+is exact), which keeps it robust to the latent noise FAR's diffusion head leaves behind. The KL weight is
+small: it only bounds the latent's scale and keeps the posterior from collapsing to a point. The posterior
+starts with a small variance (``model.logvar_init``): with the default unit variance the untrained means are
+drowned in noise and the decoder sits at the average image for hundreds of steps. At export the
+latent scale is measured on the training images (1/std of the posterior means, as LDM/MAR pick 0.2325 for
+kl16), so FAR trains on roughly unit-variance latents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CheckpointMismatch
+from ..io import (
+    atomic_path,
+    load_safetensors,
+    load_state_dict_strict,
+    read_json,
+    save_safetensors,
+    write_json,
+)
+from ..tokenizers.kl import AutoencoderKL, KLConfig
+from .config import DataConfig, OptimConfig, RunConfig, to_dict
+from .data import ImageSet, batch_indices, step_generator, to_unit
+from .dist import DistContext
+
+KL_FORMAT = "freqar-kl/1"
+
+
+@dataclass
+class KLModelConfig:
+    """The autoencoder to train (fields of ``KLConfig``; the resolution comes from ``data.size``)."""
+
+    embed_dim: int = 16
+    ch: int = 16
+    ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
+    num_res_blocks: int = 1
+    encoder_attn_resolutions: list[int] = field(default_factory=list)
+    decoder_attn_resolutions: list[int] = field(default_factory=list)
+    groupnorm_groups: int = 8
+    logvar_init: float = -6.0  # initial posterior log-variance (bias of quant_conv's logvar half)
+
+
+@dataclass
+class KLLoss:
+    """mse + l1_weight·L1 + kl_weight·KL (all means per element) + optional perceptual term."""
+
+    l1_weight: float = 0.5
+    kl_weight: float = 1e-4
+    perceptual_weight: float = 0.0  # EfficientNet-Lite0 distance (train/perceptual.py); 0 = off
+    scale_images: int = 512  # training images used to measure the latent scale at export
+
+
+@dataclass
+class KLTrainConfig:
+    model: KLModelConfig = field(default_factory=KLModelConfig)
+    loss: KLLoss = field(default_factory=KLLoss)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=4e-4, weight_decay=0.0))
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def kl_config(cfg: KLTrainConfig, scale_factor: float = 1.0) -> KLConfig:
+    m = cfg.model
+    return KLConfig(
+        embed_dim=m.embed_dim,
+        ch=m.ch,
+        ch_mult=tuple(m.ch_mult),
+        num_res_blocks=m.num_res_blocks,
+        resolution=cfg.data.size,
+        encoder_attn_resolutions=tuple(m.encoder_attn_resolutions),
+        decoder_attn_resolutions=tuple(m.decoder_attn_resolutions),
+        groupnorm_groups=m.groupnorm_groups,
+        scale_factor=scale_factor,
+    )
+
+
+class KLTrainModule(nn.Module):
+    """Wraps the autoencoder with the training forward (DDP wraps this module)."""
+
+    def __init__(self, vae: AutoencoderKL) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(
+        self, x: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Image in [-1,1], standard-normal noise shaped like the latent -> (reconstruction, mean, logvar)."""
+        mean, logvar = self.vae.posterior(self.vae.moments(x))
+        z = mean + torch.exp(0.5 * logvar) * noise
+        return self.vae.decoder(self.vae.post_quant_conv(z)), mean, logvar
+
+
+def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, 1)), averaged over every latent element."""
+    return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
+
+
+def psnr(rec: torch.Tensor, x: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
+    mse = F.mse_loss(rec.clamp(-1, 1), x).item()
+    return -10.0 * torch.log10(torch.tensor(mse / 4 + 1e-12)).item()
+
+
+class KLTask:
+    """Loss of one step and the export of ``freqar train tokenizer --kind kl``."""
+
+    name = "kl"
+
+    def __init__(self, cfg: KLTrainConfig, data: ImageSet, ctx: DistContext) -> None:
+        self.cfg, self.data, self.ctx = cfg, data, ctx
+        self.vae_cfg = kl_config(cfg)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.run.seed)
+            vae = AutoencoderKL(self.vae_cfg)
+        with torch.no_grad():  # near-deterministic start: unit noise would drown the untrained means
+            vae.quant_conv.bias[self.vae_cfg.embed_dim :].fill_(cfg.model.logvar_init)
+        self.module = KLTrainModule(vae)
+        self.perceptual = None
+        if cfg.loss.perceptual_weight > 0:
+            from .perceptual import load_lite0_perceptual
+
+            self.perceptual = load_lite0_perceptual().to(ctx.device)
+
+    def batch(self, step: int) -> torch.Tensor:
+        """This process's images of ``step`` in [-1, 1], mirrored at random when ``data.hflip``."""
+        c = self.cfg
+        idx = batch_indices(len(self.data), c.run.batch_size, step, c.run.seed, self.ctx.rank, self.ctx.world)
+        x = to_unit(self.data.images[idx])
+        if c.data.hflip:
+            flip = torch.rand(x.shape[0], generator=step_generator(c.run.seed, step, self.ctx.rank)) < 0.5
+            x[flip] = x[flip].flip(-1)
+        return x
+
+    def compute_loss(self, model: nn.Module, step: int) -> tuple[torch.Tensor, dict[str, float], int]:
+        c, dev = self.cfg, self.ctx.device
+        x = self.batch(step).to(dev)
+        side = self.vae_cfg.latent_side
+        g = step_generator(c.run.seed, step, self.ctx.rank, 1)
+        noise = torch.randn(x.shape[0], self.vae_cfg.embed_dim, side, side, generator=g).to(dev)
+        rec, mean, logvar = model(x, noise)
+        mse = F.mse_loss(rec, x)
+        kl = kl_divergence(mean, logvar)
+        loss = mse + c.loss.l1_weight * F.l1_loss(rec, x) + c.loss.kl_weight * kl
+        logs: dict[str, float] = {}
+        if self.perceptual is not None:
+            per = self.perceptual(rec, x)
+            loss = loss + c.loss.perceptual_weight * per
+            logs["perc"] = per.item()
+        logs.update(
+            psnr=-10 * torch.log10(mse.detach() / 4 + 1e-12).item(),
+            kl=kl.item(),
+            std=torch.exp(0.5 * logvar.detach()).mean().item(),
+        )
+        return loss, logs, x.shape[0]
+
+    def after_step(self, step: int, loop: Any) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+    @torch.no_grad()
+    def export(self, ema: nn.Module, run_dir: Path) -> Path:
+        """Write ``run_dir/kl/{config.json, model.safetensors, recon.png}`` from the EMA weights.
+
+        The latent scale is 1/std of the posterior means of the first ``loss.scale_images`` training images;
+        config.json also records the reconstruction PSNR (posterior mode) on those images.
+        """
+        vae: AutoencoderKL = ema.vae
+        was_training = vae.training
+        vae.eval()
+        dev = next(vae.parameters()).device
+        n = min(len(self.data), max(self.cfg.loss.scale_images, 1))
+        means, recs, errs = [], [], []
+        for i in range(0, n, 32):
+            x = to_unit(self.data.images[i : min(i + 32, n)]).to(dev)
+            mean, _ = vae.posterior(vae.moments(x))
+            rec = vae.decoder(vae.post_quant_conv(mean)).clamp(-1, 1)
+            means.append(mean.cpu())
+            errs.append(F.mse_loss(rec, x, reduction="none").mean(dim=(1, 2, 3)).cpu())
+            if i == 0:
+                recs.append((x[:8].cpu(), rec[:8].cpu()))
+        vae.train(was_training)
+        std = torch.cat(means).float().std().item()
+        mse = torch.cat(errs).mean().item()
+        scale = 1.0 / max(std, 1e-6)
+        out = run_dir / "kl"
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = kl_config(self.cfg, scale_factor=round(scale, 6))
+        save_safetensors(out / "model.safetensors", vae.state_dict())
+        write_json(
+            out / "config.json",
+            {
+                "format": KL_FORMAT,
+                "tokenizer": cfg.to_dict(),
+                "latent_std": std,
+                "psnr_train_mode": -10.0 * torch.log10(torch.tensor(mse / 4 + 1e-12)).item(),
+                "scale_images": n,
+                "train_config": to_dict(self.cfg),
+            },
+        )
+        _save_recon(recs[0][0], recs[0][1], out / "recon.png")
+        return out
+
+
+def _save_recon(x: torch.Tensor, rec: torch.Tensor, path: Path) -> None:
+    """Two rows: originals over reconstructions."""
+    from PIL import Image
+
+    rows = [torch.cat(list(t), dim=2) for t in (x, rec)]
+    arr = torch.cat(rows, dim=1).add(1).mul(127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
+
+
+def load_kl(path: str | Path) -> AutoencoderKL:
+    """A trained KL autoencoder: its export folder, or the run folder that holds ``kl/``."""
+    p = Path(path)
+    if (p / "kl" / "config.json").is_file():
+        p = p / "kl"
+    if not (p / "config.json").is_file():
+        raise CheckpointMismatch(f"no KL autoencoder export in '{path}' (expected kl/config.json)")
+    cfg = read_json(p / "config.json")
+    if not isinstance(cfg, dict) or cfg.get("format") != KL_FORMAT:
+        raise CheckpointMismatch(f"'{p / 'config.json'}' is not a freqar KL autoencoder export")
+    vae = AutoencoderKL(KLConfig(**cfg["tokenizer"]))
+    load_state_dict_strict(vae, load_safetensors(p / "model.safetensors"), source=str(p))
+    return vae.eval().requires_grad_(False)
+
+
+def kl_fingerprint(vae: AutoencoderKL) -> str:
+    """A short hash of the weights and config (keys cached latents to the exact autoencoder)."""
+    h = hashlib.sha256(repr(sorted(vae.cfg.to_dict().items())).encode())
+    for k, v in sorted(vae.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def train_kl(
+    cfg: KLTrainConfig,
+    out: Path,
+    ctx: DistContext | None = None,
+    progress: bool | None = None,
+    export_only: bool = False,
+) -> Any:
+    """``freqar train tokenizer --kind kl``: a TrainResult, or the export Path with ``export_only``."""
+    from .data import load_dataset
+    from .loop import TrainLoop
+    from .run import _threads
+
+    ctx = ctx or DistContext()
+    _threads(cfg.run.threads)
+    data = load_dataset(cfg.data)
+    task = KLTask(cfg, data, ctx)
+    loop = TrainLoop(task, {"task": "kl", **to_dict(cfg)}, cfg.optim, cfg.run, out, ctx, progress)
+    return loop.export_only() if export_only else loop.fit()

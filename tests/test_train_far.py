@@ -1,0 +1,230 @@
+"""FAR training: KL and FAR losses go down, resume is exact, exports load and generate; the shipped
+``far-emoji`` model loads offline and generates."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from freqar.cli import main
+from freqar.registry import bundled_dir
+from freqar.train.config import DataConfig, OptimConfig, RunConfig
+from freqar.train.far import FARModelConfig, FARTrainConfig, FARTrainSettings, level_weights, train_far
+from freqar.train.kl import KLLoss, KLModelConfig, KLTrainConfig, load_kl, train_kl
+from test_train import _run_until
+from train_helpers import write_manifest_dataset
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_manifest_dataset(tmp_path_factory.mktemp("data") / "shapes")
+
+
+def kl_cfg(data: Path, steps: int = 12, ckpt_every: int = 100) -> KLTrainConfig:
+    """16 px -> a 4x4x4 latent (stride 4), a few thousand parameters."""
+    return KLTrainConfig(
+        model=KLModelConfig(embed_dim=4, ch=8, ch_mult=[1, 1, 2], num_res_blocks=1, groupnorm_groups=4),
+        loss=KLLoss(l1_weight=0.5, kl_weight=1e-4, scale_images=16),
+        data=DataConfig(path=str(data), size=16),
+        optim=OptimConfig(lr=3e-3, warmup_steps=1, weight_decay=0.0, ema_decay=0.9),
+        run=RunConfig(steps=steps, batch_size=4, ckpt_every=ckpt_every, log_every=1),
+    )
+
+
+def far_cfg(
+    data: Path, kl: Path, steps: int = 12, ckpt_every: int = 100, mask_prob: float = 0.5
+) -> FARTrainConfig:
+    return FARTrainConfig(
+        model=FARModelConfig(
+            encoder_embed_dim=32,
+            encoder_depth=1,
+            encoder_num_heads=2,
+            decoder_embed_dim=32,
+            decoder_depth=1,
+            decoder_num_heads=2,
+            buffer_size=2,
+            diffloss_d=1,
+            diffloss_w=32,
+            diffusion_batch_mul=2,
+        ),
+        far=FARTrainSettings(kl=str(kl), label_drop=0.2, mask_prob=mask_prob, steps="3", cfg=2.0),
+        data=DataConfig(path=str(data), size=16),
+        optim=OptimConfig(lr=1e-3, warmup_steps=2, ema_decay=0.9),
+        run=RunConfig(steps=steps, batch_size=4, ckpt_every=ckpt_every, log_every=1),
+    )
+
+
+@pytest.fixture(scope="module")
+def trained_kl(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("kl")
+    train_kl(kl_cfg(data_dir), out, progress=False)
+    return out
+
+
+def test_kl_loss_decreases_and_exports(trained_kl: Path) -> None:
+    hist = torch.load(trained_kl / "checkpoint.pt", weights_only=True)["history"]["loss"]
+    assert hist[-3:].mean() < 0.7 * hist[:3].mean()
+    info = json.loads((trained_kl / "kl" / "config.json").read_text())
+    vae = load_kl(trained_kl)
+    assert vae.cfg.latent_side == 4 and vae.cfg.embed_dim == 4
+    assert vae.cfg.scale_factor == pytest.approx(1 / info["latent_std"], rel=1e-4)
+    assert (trained_kl / "kl" / "recon.png").is_file()
+    # the scale makes the training latents about unit-variance
+    from freqar.train.data import load_dataset, to_unit
+
+    imgs = to_unit(load_dataset(_data(trained_kl)).images[:16])
+    assert vae.encode(imgs).std().item() == pytest.approx(1.0, rel=0.05)
+
+
+def _data(run: Path) -> DataConfig:
+    cfg = json.loads((run / "kl" / "config.json").read_text())["train_config"]["data"]
+    return DataConfig(**cfg)
+
+
+def test_kl_resume_is_exact(tmp_path: Path, data_dir: Path) -> None:
+    full = train_kl(kl_cfg(data_dir, steps=4, ckpt_every=2), tmp_path / "full", progress=False)
+    _run_until(train_kl, kl_cfg(data_dir, steps=4, ckpt_every=2), tmp_path / "cut", stop_after=2)
+    resumed = train_kl(kl_cfg(data_dir, steps=4, ckpt_every=2), tmp_path / "cut", progress=False)
+    assert resumed.history["loss"] == full.history["loss"]
+
+
+def test_far_loss_decreases_exports_and_generates(tmp_path: Path, data_dir: Path, trained_kl: Path) -> None:
+    """The diffusion loss on fixed latents, levels, t and noise: trained weights beat the initial ones."""
+    from freqar.models.far_pipeline import create_far_model, is_far_model
+    from freqar.train.data import load_dataset
+    from freqar.train.dist import DistContext
+    from freqar.train.far import FARTask
+
+    cfg = far_cfg(data_dir, trained_kl, steps=30)
+    task = FARTask(cfg, load_dataset(cfg.data), DistContext(), tmp_path)
+    idx = torch.arange(8)
+    z, labels = task.latents(idx, torch.Generator().manual_seed(0)), task.data.labels[idx]
+
+    @torch.no_grad()
+    def held_loss(model: torch.nn.Module) -> float:
+        model.eval()
+        g = torch.Generator().manual_seed(1)
+        return sum(model(z, labels, generator=g, level=s)["loss"].item() for s in range(4)) / 4
+
+    before = held_loss(task.module)
+    res = train_far(cfg, tmp_path, progress=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    task.module.load_state_dict(state)
+    assert held_loss(task.module) < 0.8 * before
+    assert res.export is not None and is_far_model(str(res.export))
+    pipe = create_far_model(str(res.export))
+    assert pipe.class_names == ["square", "disc", "stripes"]
+    assert pipe.defaults.steps == "3" and pipe.defaults.cfg == 2.0
+    assert pipe.tokenizer().levels == (0, 1, 2, 3)  # every core size of the 4x4 latent
+    out = pipe.generate([0, 2], seed=0)
+    assert out.images.shape == (2, 3, 16, 16) and torch.isfinite(out.images).all()
+    again = pipe.generate([0, 2], seed=0)
+    assert torch.equal(out.images, again.images)
+
+
+def test_far_resume_is_exact(tmp_path: Path, data_dir: Path, trained_kl: Path) -> None:
+    """Masked and unmasked batches, posterior draws, label drop: all a function of (seed, step)."""
+    full = train_far(far_cfg(data_dir, trained_kl, steps=4, ckpt_every=2), tmp_path / "full", progress=False)
+    _run_until(
+        train_far, far_cfg(data_dir, trained_kl, steps=4, ckpt_every=2), tmp_path / "cut", stop_after=2
+    )
+    resumed = train_far(
+        far_cfg(data_dir, trained_kl, steps=4, ckpt_every=2), tmp_path / "cut", progress=False
+    )
+    assert resumed.history["loss"] == full.history["loss"]
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+
+
+def test_far_without_masking_leaves_the_mask_token_alone(
+    tmp_path: Path, data_dir: Path, trained_kl: Path
+) -> None:
+    from freqar.train.data import load_dataset
+    from freqar.train.dist import DistContext
+    from freqar.train.far import FARTask
+
+    cfg = far_cfg(data_dir, trained_kl, mask_prob=0.0)
+    task = FARTask(cfg, load_dataset(cfg.data), DistContext(), tmp_path)
+    assert not task.module.mask_token.requires_grad
+    assert len(list(tmp_path.glob("moments-*.pt"))) == 1  # the encoded data set is cached
+
+
+def test_frequency_aware_weights() -> None:
+    w = level_weights("sin", 8)
+    assert w is not None and len(w) == 8
+    assert w[0] == pytest.approx(1 + math.sin(math.pi / 16)) and w[-1] == pytest.approx(2.0)
+    assert all(b > a for a, b in zip(w, w[1:], strict=False))
+    assert level_weights("none", 8) is None
+
+
+def test_cli_train_kl_and_far(tmp_path: Path, data_dir: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    y = tmp_path / "kl.yaml"
+    y.write_text(
+        "model: {embed_dim: 4, ch: 8, ch_mult: [1, 1, 2], groupnorm_groups: 4}\n"
+        "loss: {scale_images: 8}\ndata: {size: 16}\nrun: {batch_size: 2, log_every: 1}\n"
+    )
+    kl = tmp_path / "kl"
+    args = ["train", "tokenizer", "--kind", "kl", "--config", str(y), "--data", str(data_dir)]
+    assert main([*args, "--out", str(kl), "--steps", "2", "--no-progress"]) == 0
+    assert (kl / "kl" / "model.safetensors").is_file()
+    f = tmp_path / "far.yaml"
+    f.write_text(
+        "model: {encoder_embed_dim: 16, encoder_depth: 1, encoder_num_heads: 2, decoder_embed_dim: 16,\n"
+        "        decoder_depth: 1, decoder_num_heads: 2, buffer_size: 1, diffloss_d: 1, diffloss_w: 16}\n"
+        "far: {steps: '2'}\ndata: {size: 16}\nrun: {batch_size: 2, log_every: 1}\n"
+    )
+    far = tmp_path / "far"
+    fargs = ["train", "far", "--config", str(f), "--data", str(data_dir), "--out", str(far)]
+    assert main([*fargs, "--tokenizer", str(kl), "--steps", "2", "--no-progress"]) == 0
+    assert "trained far: 2 steps" in capsys.readouterr().out
+    png = tmp_path / "x.png"
+    assert (
+        main(["generate", "--model", str(far / "model"), "--labels", "0,1", "--out", str(png), "--quiet"])
+        == 0
+    )
+    assert png.is_file()
+    # bad input: one-line errors
+    assert main([*fargs[:-1], str(tmp_path / "f2"), "--steps", "1"]) == 2
+    assert "no autoencoder given (far.kl=" in capsys.readouterr().err
+    assert main(["train", "var", "--kind", "kl", "--out", str(tmp_path / "v")]) == 2
+    assert "--kind is only for `freqar train tokenizer`" in capsys.readouterr().err
+    assert main([*fargs[:-1], str(tmp_path / "f3"), "--tokenizer", str(data_dir), "--steps", "1"]) == 2
+    assert "no KL autoencoder export" in capsys.readouterr().err
+    assert main([*fargs[:-1], str(tmp_path / "f4"), "--tokenizer", str(kl), "--set", "far.mask_prob=2"]) == 2
+    assert "far.mask_prob must be in [0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(bundled_dir("far-emoji") is None, reason="far-emoji weights not in this checkout")
+def test_far_emoji_ships_loads_and_generates(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from freqar.models.far_pipeline import FARPipeline, far_presets
+    from freqar.registry import catalogue, create_model
+
+    d = bundled_dir("far-emoji")
+    assert d is not None
+    assert sum(p.stat().st_size for p in d.iterdir()) <= 40 * 2**20
+    assert "far-emoji" in far_presets() and any(r.name == "far-emoji" for r in catalogue("far-*"))
+    pipe = create_model("far-emoji")  # the front door `freqar eval` uses
+    assert isinstance(pipe, FARPipeline) and pipe.name == "far-emoji" and pipe.image_size == 128
+    assert pipe.class_names is not None and len(pipe.class_names) == pipe.num_classes == 9
+    assert pipe.tokenizer().levels == tuple(range(8))
+    out = pipe.generate([0, 1], seed=0, steps="3")
+    assert out.images.shape == (2, 3, 128, 128) and 0 <= out.images.min() and out.images.max() <= 1
+    png = tmp_path / "x.png"
+    args = ["generate", "--model", "far-emoji", "--labels", "0,1", "--steps", "2", "--quiet"]
+    assert main([*args, "--out", str(png)]) == 0 and png.is_file()
+    assert "8 levels x 2 diffusion steps" in capsys.readouterr().out
+    assert main([*args, "--vae", "x.ckpt", "--out", str(png)]) == 2
+    assert "ships its own weights" in capsys.readouterr().err
