@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .engine.generate import GenerationOutput, generate
 from .engine.heads import BitwiseHead
 from .errors import InvalidOption
+from .eval.fidelity import finite as _finite
+from .eval.fidelity import psnr, ssim, token_agreement
 from .io import atomic_write, write_json
 from .models.hart import EXCLUDED_OPTIONS, HARTConfig, HARTHead, TextFeatures
 from .models.infinity import Infinity, InfinityConfig, schedule_for
@@ -343,40 +344,6 @@ def hart_flops(
         total += 2 * d * V * (1 if k == 0 else n)
     total += head_tokens * diffusion_token_flops(cfg)
     return total * rows
-
-
-# ----- fidelity ----------------------------------------------------------------------------------------
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of images in [0, 1] (inf when identical)."""
-    mse = float((a.float() - b.float()).square().mean())
-    return float("inf") if mse == 0 else 10.0 * torch.log10(torch.tensor(1.0 / mse)).item()
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean SSIM (Gaussian window 11, σ 1.5) of (B, 3, H, W) images in [0, 1], per channel."""
-    a, b = a.float(), b.float()
-    C = a.shape[1]
-    x = torch.arange(11, dtype=torch.float32) - 5
-    g = torch.exp(-(x**2) / (2 * 1.5**2))
-    g = g / g.sum()
-    win = (g[:, None] * g[None, :]).expand(C, 1, 11, 11).contiguous()
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, win, groups=C)
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a**2
-    var_b = blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
-    c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return float(s.mean())
-
-
-def token_agreement(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    """Fraction of all stage tokens equal between two generations."""
-    same = sum(int((x == y).sum()) for x, y in zip(a, b, strict=True))
-    return same / sum(x.numel() for x in a)
 
 
 # ----- timing ------------------------------------------------------------------------------------------
@@ -865,11 +832,6 @@ def run_bench(
         "dense_flops_full_depth": dense_flops_full,
         "results": results,
     }
-
-
-def _finite(x: float) -> float | None:
-    """JSON has no infinity: identical images (infinite PSNR) are stored as null."""
-    return None if x == float("inf") else x
 
 
 # ----- writers -----------------------------------------------------------------------------------------

@@ -135,7 +135,8 @@ class TokenPolicy(Protocol):
 
     A policy may also define ``observe_input(stage, tokens_BlC, state)``: the engine then calls it with
     the full stage input (tokens from the canvas, stages >= 1) before ``select``, for scores that need it,
-    and ``observe_output(stage, canvas, state)``: called with the updated canvas after each stage.
+    and ``observe_output(stage, canvas, state)``: called with the updated canvas after each stage, and
+    ``stages_to_run(num_stages)``: how many stages run at all (scale skipping; the canvas is then decoded).
     """
 
     name: str

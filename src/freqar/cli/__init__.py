@@ -14,6 +14,7 @@ from ..errors import FreqarError
 
 # Each module exposes ``register(subparsers)`` which adds its parser with ``func`` set.
 SUBCOMMANDS = ("generate", "models", "conformance", "data", "train", "eval", "bench", "serve")
+SUBCOMMANDS += ("calibrate", "study")  # SparseVAR probe-block calibration, ablation study
 
 
 class _Parser(argparse.ArgumentParser):

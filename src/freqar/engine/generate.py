@@ -132,7 +132,7 @@ def generate(
     canvas = tokenizer.init_canvas(B, device)
     pstate = policy.begin(grids, B, transformer.depth, device)
     tokens, logits_rec, stage_s, computed = [], [], [], []
-    for k in range(S):
+    for k in range(_stages_to_run(policy, S)):
         _sync(device)
         t0 = time.perf_counter()
         stage_tok = None if k == 0 else tokenizer.next_input(canvas, k)
@@ -181,6 +181,16 @@ def generate(
         policy_stats=policy.stats(pstate),
         policy_state=pstate,
     )
+
+
+def _stages_to_run(policy: Any, num_stages: int) -> int:
+    """Optional hook ``stages_to_run(S)``: scale skipping stops the loop early. Guidance, sampling and the
+    policy still see the full schedule S, so the stages that run are exactly those of the full run."""
+    hook = getattr(policy, "stages_to_run", None)
+    n = num_stages if hook is None else int(hook(num_stages))
+    if not 1 <= n <= num_stages:
+        raise InvalidOption(f"policy '{policy.name}' runs {n} stages; the schedule has 1..{num_stages}")
+    return n
 
 
 def _counts(sel: Selection, batch: int) -> list[int]:

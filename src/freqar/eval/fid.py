@@ -97,10 +97,19 @@ def stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return feats.mean(axis=0), np.cov(feats, rowvar=False)
 
 
-def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
-    """||mu1-mu2||^2 + Tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), via symmetric eigendecompositions (stable)."""
-    w, v = np.linalg.eigh(s1)
-    s1_half = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+def psd_sqrt(s: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a covariance (negative eigenvalues from round-off clipped to 0)."""
+    w, v = np.linalg.eigh(s)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(
+    mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray, s1_half: np.ndarray | None = None
+) -> float:
+    """||mu1-mu2||^2 + Tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), via symmetric eigendecompositions (stable).
+
+    ``s1_half``: S1^1/2 when the caller scores many sets against one reference (computed once)."""
+    s1_half = psd_sqrt(s1) if s1_half is None else s1_half
     m = s1_half @ s2 @ s1_half
     tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)

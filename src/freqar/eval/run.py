@@ -18,7 +18,18 @@ import torch
 from ..io import atomic_path, write_json
 from ..pipeline import Pipeline
 from ..train.data import load_manifest_dataset
-from .fid import EvalError, FeatureNet, degrade, extract, fd, inception_like_score, kid, precision_recall
+from .fid import (
+    EvalError,
+    FeatureNet,
+    degrade,
+    extract,
+    frechet_distance,
+    inception_like_score,
+    kid,
+    precision_recall,
+    psd_sqrt,
+    stats,
+)
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,82 @@ def generate_samples(pipe: Pipeline, labels: list[int], s: EvalSettings) -> tupl
     return torch.cat(out), (time.perf_counter() - t0) / max(len(labels), 1)
 
 
+class ReferenceScorer:
+    """Scores sets of generated features against one data set's reference features.
+
+    The train statistics (and S^1/2) and the floor/ceiling for each sample count are computed once, so
+    scoring many settings (``eval --accel``, ``study``) costs one eigen-decomposition per set.
+    """
+
+    def __init__(self, ref: dict[str, np.ndarray], settings: EvalSettings) -> None:
+        self.ref, self.settings = ref, settings
+        self.mu, self.sigma = stats(ref["train"])
+        self.sigma_half = psd_sqrt(self.sigma)
+        self._bounds: dict[int, dict] = {}
+
+    def fd_to_train(self, feats: np.ndarray) -> float:
+        return frechet_distance(self.mu, self.sigma, *stats(feats), s1_half=self.sigma_half)
+
+    def _kid(self, feats: np.ndarray) -> float:
+        s = self.settings
+        return kid(
+            self.ref["train"], feats, subsets=s.kid_subsets, subset_size=s.kid_subset_size, seed=s.seed
+        )
+
+    def bounds(self, n_ref: int) -> dict:
+        """FD/KID floor (held-out real images) and ceiling (degraded held-out) at ``n_ref`` images."""
+        if n_ref not in self._bounds:
+            ref = self.ref
+            self._bounds[n_ref] = {
+                "fd_floor": self.fd_to_train(ref["heldout"][:n_ref]),
+                "fd_ceiling": self.fd_to_train(ref["ceiling"][:n_ref]),
+                "kid_floor": self._kid(ref["heldout"]),
+                "kid_ceiling": self._kid(ref["ceiling"]),
+                "inception_like_score_real": (
+                    inception_like_score(ref["heldout_logits"]) if "heldout_logits" in ref else None
+                ),
+            }
+        return self._bounds[n_ref]
+
+    def score(self, feats: np.ndarray, logits: np.ndarray | None) -> dict:
+        """FD/KID against the train split with floor, ceiling and normalised FD, IS-like, precision/recall.
+
+        Floor/ceiling use as many images as the held-out split has (at most the sample count), and the
+        model is also scored at that count (``fd_at_floor_count``) so the normalised FD compares like
+        with like.
+        """
+        s = self.settings
+        n_ref = min(feats.shape[0], self.ref["heldout"].shape[0])
+        rng = np.random.default_rng(s.seed)
+        sub = feats.shape[0] > n_ref
+        fake_n = feats[rng.choice(feats.shape[0], n_ref, replace=False)] if sub else feats
+        b = self.bounds(n_ref)
+        full = self.fd_to_train(feats)
+        res: dict = {
+            "fd": full,
+            "fd_at_floor_count": self.fd_to_train(fake_n) if sub else full,
+            "fd_floor": b["fd_floor"],
+            "fd_ceiling": b["fd_ceiling"],
+            "kid": self._kid(feats),
+            "kid_floor": b["kid_floor"],
+            "kid_ceiling": b["kid_ceiling"],
+            "inception_like_score": inception_like_score(logits) if logits is not None else None,
+            "inception_like_score_real": b["inception_like_score_real"],
+        }
+        res["precision"], res["recall"] = precision_recall(self.ref["heldout"], fake_n, s.pr_k)
+        span = res["fd_ceiling"] - res["fd_floor"]
+        res["fd_normalized"] = (res["fd_at_floor_count"] - res["fd_floor"]) / span if span > 0 else None
+        res["floor_ceiling_count"] = int(n_ref)
+        return res
+
+
+def score_features(
+    feats: np.ndarray, logits: np.ndarray | None, ref: dict[str, np.ndarray], settings: EvalSettings
+) -> dict:
+    """One set's scores (see :meth:`ReferenceScorer.score`)."""
+    return ReferenceScorer(ref, settings).score(feats, logits)
+
+
 def evaluate(
     pipe: Pipeline,
     data: Path,
@@ -86,36 +173,15 @@ def evaluate(
     labels = sample_labels(ref["train_labels"], settings.samples, pipe.num_classes, settings.seed)
     imgs, sec_per_img = generate_samples(pipe, labels, settings)
     feats, logits = extract(net, imgs)
-    train = ref["train"]
-    ks = dict(subsets=settings.kid_subsets, subset_size=settings.kid_subset_size, seed=settings.seed)
-    n_ref = min(settings.samples, ref["heldout"].shape[0])
-    rng = np.random.default_rng(settings.seed)
-    # Floor/ceiling use as many images as the held-out split has; the model is also scored at that count.
-    fake_n = feats[rng.choice(feats.shape[0], n_ref, replace=False)] if feats.shape[0] > n_ref else feats
-    res: dict = {
-        "fd": fd(train, feats),
-        "fd_at_floor_count": fd(train, fake_n),
-        "fd_floor": fd(train, ref["heldout"][:n_ref]),
-        "fd_ceiling": fd(train, ref["ceiling"][:n_ref]),
-        "kid": kid(train, feats, **ks),
-        "kid_floor": kid(train, ref["heldout"], **ks),
-        "kid_ceiling": kid(train, ref["ceiling"], **ks),
-        "inception_like_score": inception_like_score(logits) if logits is not None else None,
-        "inception_like_score_real": (
-            inception_like_score(ref["heldout_logits"]) if "heldout_logits" in ref else None
-        ),
-    }
-    res["precision"], res["recall"] = precision_recall(ref["heldout"], fake_n, settings.pr_k)
-    span = res["fd_ceiling"] - res["fd_floor"]
-    res["fd_normalized"] = (res["fd_at_floor_count"] - res["fd_floor"]) / span if span > 0 else None
+    res = score_features(feats, logits, ref, settings)
     res["settings"] = {
         **asdict(settings),
         "model": pipe.name,
         "data": str(data),
         "feature_net": net.name,
         "heldout_count": int(ref["heldout"].shape[0]),
-        "train_count": int(train.shape[0]),
-        "floor_ceiling_count": int(n_ref),
+        "train_count": int(ref["train"].shape[0]),
+        "floor_ceiling_count": res.pop("floor_ceiling_count"),
         "seconds_per_image": sec_per_img,
         "note": "FD on EfficientNet-Lite0 pooled features: a stand-in for Inception FID, "
         "not comparable with published FIDs",

@@ -15,6 +15,15 @@ Paper-derived (the authors released no code), with the decisions the paper leave
   sparse stage (anchors first, then the highest ΔF, previously excluded positions last). Equal counts
   need no padding, so batched runs stay on the unmasked attention path; it also fixes the cost in
   advance, which a deadline or a benchmark at a fixed budget needs.
+- Content-adaptive anchors (``anchors="adaptive"``, beyond the paper; its "Limitations" names the fixed
+  grid): the same number of anchors as the α×α grid, ⌈h/α⌉·⌈w/α⌉, placed per sample by a greedy
+  k-centre cover of the excluded set under Eq. 3's own test. Each step makes the excluded token that is
+  worst covered (lowest best similarity to an anchor within reach; ties: highest ΔF) an anchor. Reach is
+  the uniform grid's: Chebyshev distance <= 2α-1 (own and neighbouring cells). Why: Eq. 3 zeroes an
+  excluded token whose best anchor is below β, and a uniform grid wastes anchors in flat background
+  while leaving lone low-frequency structures (a rim, a shadow) without one; covering the worst-served
+  token first spends the same count where copies are missing. Threshold mode only (with ``keep`` the
+  excluded set depends on the anchors).
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ from ..interfaces import Selection, StagePrediction, StepOutput, materialize
 
 # Codes of the per-stage mask pictures (the paper's Figure 7).
 COMPUTED, ANCHOR, COPIED, ZEROED = 0, 1, 2, 3
+# Anchor placement rules: the paper's fixed α×α grid, or content-adaptive at the same count.
+ANCHOR_RULES = ("uniform", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -42,8 +53,17 @@ class SparseVARConfig:
     start_stage: int | None = None
     block: int | None = None
     keep: float | None = None
+    anchors: str = "uniform"
 
     def __post_init__(self) -> None:
+        if self.anchors not in ANCHOR_RULES:
+            raise InvalidOption(
+                f"sparsevar anchors must be one of {', '.join(ANCHOR_RULES)}, got '{self.anchors}'"
+            )
+        if self.anchors == "adaptive" and self.keep is not None:
+            raise InvalidOption(
+                "sparsevar anchors=adaptive works in threshold mode (tau) only, not with a keep budget"
+            )
         if not 0.0 <= self.tau <= 1.0:
             raise InvalidOption(f"sparsevar tau must be in [0, 1], got {self.tau}")
         if int(self.alpha) != self.alpha or self.alpha < 1:
@@ -90,7 +110,9 @@ class SparseVARState:
     low_Bl: torch.Tensor | None = None  # low-frequency set of the previous stage
     prev_BhwV: torch.Tensor | None = None  # previous guided logits resized to the current grid
     computed_Bl: torch.Tensor | None = None  # this stage's computed positions (set by select)
-    anchor_l: torch.Tensor | None = None
+    anchor_l: torch.Tensor | None = None  # (l,) uniform grid, or (B, l) adaptive anchors
+    anchor_sim: torch.Tensor | None = None  # adaptive: best similarity to an anchor in reach (B, l)
+    anchor_pos: torch.Tensor | None = None  # adaptive: that anchor's position (B, l)
     masks: list[torch.Tensor] = field(default_factory=list)  # per stage (B, h, w) uint8 codes
     stats: list[dict] = field(default_factory=list)
 
@@ -139,6 +161,56 @@ def best_anchor(prev_BhwV: torch.Tensor, alpha: int) -> tuple[torch.Tensor, torc
     c = torch.arange(w, device=dev)[None, :] // a
     pos = (r + di[j_Bhw]) * a * w + (c + dj[j_Bhw]) * a
     return best_Bhw.reshape(B, h * w), pos.reshape(B, h * w)
+
+
+def anchor_count(h: int, w: int, alpha: int) -> int:
+    """Anchors of the uniform α×α grid on an h×w stage, which adaptive placement also uses."""
+    return math.ceil(h / alpha) * math.ceil(w / alpha)
+
+
+def adaptive_anchors(
+    prev_BhwV: torch.Tensor, low_Bl: torch.Tensor, dF_Bl: torch.Tensor, count: int, reach: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy k-centre anchors over the low set: exactly ``count`` per sample (see the module notes).
+
+    Similarities are cosines of the previous stage's logits, as in Eq. 3, and only anchors within
+    Chebyshev distance ``reach`` count. When the low set has fewer than ``count`` positions, all of it
+    becomes anchors and the rest go to the highest-ΔF computed positions (free: computed anyway).
+    Returns (anchors (B, l) bool, best similarity (B, l) (-inf: no anchor in reach), its position (B, l)).
+    """
+    B, h, w, V = prev_BhwV.shape
+    l = h * w
+    if not 1 <= count <= l:
+        raise InvalidOption(f"adaptive anchor count {count} must be in 1..{l}")
+    dev = prev_BhwV.device
+    x = F.normalize(prev_BhwV.reshape(B, l, V).float(), dim=-1)
+    d = torch.arange(-reach, reach + 1, device=dev)
+    dy, dx = d.repeat_interleave(d.numel()), d.repeat(d.numel())  # the (2·reach+1)² window offsets
+    best = torch.full((B, l + 1), -torch.inf, device=dev)  # column l: dump slot for out-of-grid offsets
+    pos = torch.zeros(B, l + 1, dtype=torch.long, device=dev)
+    anchor = torch.zeros(B, l, dtype=torch.bool, device=dev)
+    rows_b = torch.arange(B, device=dev)
+    for _ in range(count):
+        cand = low_Bl & ~anchor
+        has = cand.any(dim=1, keepdim=True)
+        cov = torch.where(cand, -best[:, :l], -torch.inf)  # worst covered first (uncovered = +inf)
+        tie = cov == cov.amax(dim=1, keepdim=True)
+        prio = torch.where(
+            has, torch.where(cand & tie, dF_Bl, -torch.inf), torch.where(~anchor, dF_Bl, -torch.inf)
+        )
+        a = prio.argmax(dim=1)  # (B,)
+        anchor[rows_b, a] = True
+        r, c = (a // w)[:, None] + dy[None], (a % w)[:, None] + dx[None]
+        inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+        idx = torch.where(inside, r * w + c, l)
+        sim = torch.bmm(
+            x.gather(1, idx.clamp(max=l - 1)[..., None].expand(-1, -1, V)), x[rows_b, a][..., None]
+        )
+        sim = sim.squeeze(-1).masked_fill(~inside, -torch.inf)
+        upd = sim > best.gather(1, idx)
+        best.scatter_(1, idx, torch.where(upd, sim, best.gather(1, idx)))
+        pos.scatter_(1, idx, torch.where(upd, a[:, None].expand_as(idx), pos.gather(1, idx)))
+    return anchor, best[:, :l], pos[:, :l]
 
 
 def selection_from_mask(computed_Bl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -212,6 +284,12 @@ class SparseVARPolicy:
         anchor = anchor_mask(h, w, self.cfg.alpha, dF.device)
         if self.cfg.keep is None:
             low = (dF < self.cfg.tau * dF.amax(dim=1, keepdim=True)) | prev_low  # Eq. 2 + monotone
+            if self.cfg.anchors == "adaptive":
+                assert st.prev_BhwV is not None
+                a = self.cfg.alpha
+                anchor, st.anchor_sim, st.anchor_pos = adaptive_anchors(
+                    st.prev_BhwV, low, dF, anchor_count(h, w, a), 2 * a - 1
+                )
             computed = ~low | anchor
         else:
             n_keep = min(h * w, max(int(anchor.sum()), round(self.cfg.keep * h * w)))
@@ -267,13 +345,18 @@ class SparseVARPolicy:
         when the similarity reaches β, else it gets a zero residual (its draw is then unused)."""
         assert st.prev_BhwV is not None and st.computed_Bl is not None and st.anchor_l is not None
         computed, anchor = st.computed_Bl, st.anchor_l
-        sim, anchor_pos = best_anchor(st.prev_BhwV, self.cfg.alpha)
+        if anchor.dim() == 2:  # adaptive anchors: their cover was computed when they were placed
+            assert st.anchor_sim is not None and st.anchor_pos is not None
+            sim, anchor_pos = st.anchor_sim, st.anchor_pos
+        else:
+            sim, anchor_pos = best_anchor(st.prev_BhwV, self.cfg.alpha)
+            anchor = anchor[None, :]
         excluded = ~computed
         copied = excluded & (sim >= self.cfg.beta)
         src_Bl.copy_(torch.where(copied, src_Bl.gather(1, anchor_pos), src_Bl))
         zeroed = excluded & ~copied
         code = torch.full_like(computed, COMPUTED, dtype=torch.uint8)
-        code[anchor[None, :] & st.low_Bl] = ANCHOR  # computed only because it is an anchor
+        code[anchor & st.low_Bl] = ANCHOR  # computed only because it is an anchor
         code[copied] = COPIED
         code[zeroed] = ZEROED
         keep = None if not bool(zeroed.any()) else ~zeroed
