@@ -228,3 +228,20 @@ def test_far_emoji_ships_loads_and_generates(tmp_path: Path, capsys) -> None:  #
     assert "8 levels x 2 diffusion steps" in capsys.readouterr().out
     assert main([*args, "--vae", "x.ckpt", "--out", str(png)]) == 2
     assert "ships its own weights" in capsys.readouterr().err
+
+
+def test_kl_init_starts_from_a_trained_export(tmp_path: Path, data_dir: Path, trained_kl: Path) -> None:
+    import dataclasses
+
+    from freqar.errors import CheckpointMismatch
+    from freqar.train.data import load_dataset
+    from freqar.train.dist import DistContext
+    from freqar.train.kl import KLInit, KLTask
+
+    cfg = dataclasses.replace(kl_cfg(data_dir), init=KLInit(path=str(trained_kl)))
+    task = KLTask(cfg, load_dataset(cfg.data), DistContext())
+    want = load_kl(trained_kl).state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in task.module.vae.state_dict().items())
+    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, ch=16))
+    with pytest.raises(CheckpointMismatch, match="different autoencoder"):
+        KLTask(other, load_dataset(cfg.data), DistContext())

@@ -62,9 +62,17 @@ class KLLoss:
 
 
 @dataclass
+class KLInit:
+    """Start from a trained KL export (a second phase with a fresh schedule); ``model.*`` must match it."""
+
+    path: str = ""
+
+
+@dataclass
 class KLTrainConfig:
     model: KLModelConfig = field(default_factory=KLModelConfig)
     loss: KLLoss = field(default_factory=KLLoss)
+    init: KLInit = field(default_factory=KLInit)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=4e-4, weight_decay=0.0))
     run: RunConfig = field(default_factory=RunConfig)
@@ -125,6 +133,15 @@ class KLTask:
             vae = AutoencoderKL(self.vae_cfg)
         with torch.no_grad():  # near-deterministic start: unit noise would drown the untrained means
             vae.quant_conv.bias[self.vae_cfg.embed_dim :].fill_(cfg.model.logvar_init)
+        if cfg.init.path:
+            start = load_kl(cfg.init.path)
+            mine = {k: v for k, v in self.vae_cfg.to_dict().items() if k != "scale_factor"}
+            if {k: v for k, v in start.cfg.to_dict().items() if k != "scale_factor"} != mine:
+                raise CheckpointMismatch(
+                    f"init.path '{cfg.init.path}' is a different autoencoder than model.* describes; "
+                    "copy its model section into the config"
+                )
+            vae.load_state_dict(start.state_dict())
         self.module = KLTrainModule(vae)
         self.perceptual = None
         if cfg.loss.perceptual_weight > 0:
