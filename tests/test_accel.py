@@ -16,7 +16,7 @@ from freqar.eval.accel import parse_accel
 from freqar.pipeline import Pipeline
 from freqar.policies import make_policy
 from freqar.policies.skip import build_accel, split_method
-from freqar.policies.sparsevar import SparseVARConfig, adaptive_anchors, anchor_count
+from freqar.policies.sparsevar import SparseVARConfig, adaptive_anchors, anchor_count, anchor_mask
 from train_helpers import write_manifest_dataset
 
 PN = (1, 2, 4, 6, 8)
@@ -42,21 +42,24 @@ def _run(pipe: Pipeline, policy=None):
 
 
 @pytest.mark.parametrize("low_fraction", [0.0, 0.1, 0.5, 0.9, 1.0])
-def test_adaptive_anchors_keep_exactly_the_uniform_count(low_fraction: float) -> None:
+def test_adaptive_anchors_keep_the_uniform_count_and_cost(low_fraction: float) -> None:
     g = torch.Generator().manual_seed(0)
     B, h, w, V, alpha = 3, 7, 9, 16, 2
     prev = torch.randn(B, h, w, V, generator=g)
     low = torch.rand(B, h * w, generator=g) < low_fraction
-    dF = torch.rand(B, h * w, generator=g)
+    grid = anchor_mask(h, w, alpha)
     n = anchor_count(h, w, alpha)
-    anchor, sim, pos = adaptive_anchors(prev, low, dF, n, reach=2 * alpha - 1)
-    assert anchor.sum(dim=1).tolist() == [n] * B
+    assert int(grid.sum()) == n
+    anchor, sim, pos = adaptive_anchors(prev, low, grid, reach=2 * alpha - 1)
+    assert anchor.sum(dim=1).tolist() == [n] * B, "exactly the uniform grid's anchor count"
+    # the same number inside the low set as the grid: the computed tokens are the grid's count
+    assert (anchor & low).sum(dim=1).tolist() == (grid[None] & low).sum(dim=1).tolist()
     for b in range(B):
-        n_low = int(low[b].sum())
-        in_low = int((anchor[b] & low[b]).sum())
-        assert in_low == min(n, n_low), "anchors go to the low set first"
-        assert bool(anchor[b, pos[b][anchor[b]]].all()), "a token's best anchor must be an anchor"
+        reached = sim[b] > -torch.inf
+        assert bool(anchor[b, pos[b][reached]].all()), "a token's best anchor must be an anchor"
         assert torch.allclose(sim[b][anchor[b]], torch.ones(n)), "an anchor covers itself"
+    again = adaptive_anchors(prev, low, grid, reach=2 * alpha - 1)
+    assert all(torch.equal(x, y) for x, y in zip(again, (anchor, sim, pos), strict=True))
 
 
 def test_adaptive_anchors_in_the_policy(pipe: Pipeline) -> None:

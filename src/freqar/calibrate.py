@@ -237,6 +237,11 @@ def find_calibration(
     pipe: Pipeline, model: str, explicit: str | os.PathLike[str] | None = None
 ) -> dict | None:
     """The stored calibration that matches these weights (``explicit``: that file, which must match)."""
+    if explicit is None:  # look before hashing: a multi-GB model should not be hashed for nothing
+        beside = Path(model) / CALIBRATION_NAME
+        user = sorted((user_config_dir() / "calibration").glob(f"{pipe.name}-*.json"))
+        if not beside.is_file() and not user:
+            return None
     fp = weights_fingerprint(pipe)
     if explicit is not None:
         res = read_json(explicit)

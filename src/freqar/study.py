@@ -190,12 +190,14 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
     sv = [r for r in rows if r["method"] == "sparsevar" and "anchors" in r["groups"]]
     uni = [(r["speedup_vs_dense"], r["fd_increase"]) for r in sv if r["knobs"]["anchors"] == "uniform"]
     uni.append((1.0, 0.0))  # dense is the uniform curve's τ = 0 end
+    same_tau = {r["knobs"]["tau"]: r for r in sv if r["knobs"]["anchors"] == "uniform"}
     cmp = []
     for r in sv:
         if r["knobs"]["anchors"] != "adaptive":
             continue
         u = _interp(uni, r["speedup_vs_dense"])
         red = None if u is None or u <= 0 else 1.0 - r["fd_increase"] / u
+        twin = same_tau.get(r["knobs"]["tau"])
         cmp.append(
             {
                 "tau": r["knobs"]["tau"],
@@ -203,6 +205,12 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
                 "fd_increase_adaptive": r["fd_increase"],
                 "fd_increase_uniform_at_same_speedup": u,
                 "reduction": red,
+                # same τ: the same anchor count and (given the low set) the same computed tokens
+                "uniform_same_tau": None
+                if twin is None
+                else {k: twin[k] for k in ("fd_increase", "speedup_vs_dense", "token_fraction", "psnr_db")},
+                "adaptive_token_fraction": r["token_fraction"],
+                "adaptive_psnr_db": r["psnr_db"],
             }
         )
     reds = [c["reduction"] for c in cmp if c["reduction"] is not None]
@@ -321,6 +329,15 @@ def markdown(report: dict[str, Any]) -> str:
             )
         )
     )
+    for c in av["points"]:
+        u = c["uniform_same_tau"]
+        if u is not None:
+            lines.append(
+                f"  - same τ {c['tau']:g} (same anchor count and cost): adaptive FD "
+                f"{_pct(c['fd_increase_adaptive'])}, tokens {100 * c['adaptive_token_fraction']:.1f}%, "
+                f"PSNR {c['adaptive_psnr_db']:.2f} dB; uniform {_pct(u['fd_increase'])}, "
+                f"tokens {100 * u['token_fraction']:.1f}%, PSNR {u['psnr_db']:.2f} dB"
+            )
     b = s["best_within_5pct"]
     if b is None:
         lines.append("- No accelerated setting stays within +5% FD of dense.")

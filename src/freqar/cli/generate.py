@@ -7,6 +7,7 @@ import argparse
 import torch
 from tqdm import tqdm
 
+from ..calibrate import with_calibrated_block
 from ..errors import InvalidOption
 from ..imageio import check_writable, make_grid, save_images, save_png
 from ..models.hart_pipeline import is_hart_model
@@ -142,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         pipe.check_labels(labels)
     n_stages = len(pipe.tokenizer.stage_grids())
     if policy is not None:  # knob errors that depend on the model (probe block vs depth) before any work
+        policy = with_calibrated_block(policy, pipe, args.model)  # `freqar calibrate`'s s, if stored
         policy.begin(pipe.tokenizer.stage_grids(), 1, pipe.transformer.depth, pipe.device)
     bar = tqdm(total=n_stages, desc="stages", unit="stage", disable=args.quiet, leave=False)
 

@@ -16,14 +16,15 @@ Paper-derived (the authors released no code), with the decisions the paper leave
   need no padding, so batched runs stay on the unmasked attention path; it also fixes the cost in
   advance, which a deadline or a benchmark at a fixed budget needs.
 - Content-adaptive anchors (``anchors="adaptive"``, beyond the paper; its "Limitations" names the fixed
-  grid): the same number of anchors as the α×α grid, ⌈h/α⌉·⌈w/α⌉, placed per sample by a greedy
-  k-centre cover of the excluded set under Eq. 3's own test. Each step makes the excluded token that is
-  worst covered (lowest best similarity to an anchor within reach; ties: highest ΔF) an anchor. Reach is
-  the uniform grid's: Chebyshev distance <= 2α-1 (own and neighbouring cells). Why: Eq. 3 zeroes an
-  excluded token whose best anchor is below β, and a uniform grid wastes anchors in flat background
-  while leaving lone low-frequency structures (a rim, a shadow) without one; covering the worst-served
-  token first spends the same count where copies are missing. Threshold mode only (with ``keep`` the
-  excluded set depends on the anchors).
+  grid): per sample and stage, exactly as many anchors as the α×α grid has, ⌈h/α⌉·⌈w/α⌉, and exactly as
+  many of them inside the low set as the grid has there, so the computed tokens (the cost) equal the
+  uniform grid's token for token. Positions: greedy facility location on Eq. 3's own similarity (cosine
+  of the previous stage's logits) within the grid's reach (Chebyshev distance <= 2α-1, its own and the
+  neighbouring cells): each step adds the anchor, from whichever pool (low set / computed set) still
+  has budget, that most raises the sum over excluded tokens of max(0, best similarity to an anchor).
+  Why: an excluded token takes its best anchor's logits, so anchors should sit where they represent
+  many excluded tokens well (region centres, one per distinct flat region) rather than on a fixed
+  lattice that puts several in one flat background and none in a small lone structure.
 """
 
 from __future__ import annotations
@@ -168,48 +169,52 @@ def anchor_count(h: int, w: int, alpha: int) -> int:
     return math.ceil(h / alpha) * math.ceil(w / alpha)
 
 
-def adaptive_anchors(
-    prev_BhwV: torch.Tensor, low_Bl: torch.Tensor, dF_Bl: torch.Tensor, count: int, reach: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Greedy k-centre anchors over the low set: exactly ``count`` per sample (see the module notes).
+def _pairwise_in_reach(x_BlV: torch.Tensor, h: int, w: int, reach: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarities of each position to every position within Chebyshev ``reach``: (sim (B, l, l),
+    -inf beyond reach, and the positions (l, l)). One batched matmul: cheaper than gathered windows."""
+    B, l, V = x_BlV.shape
+    dev = x_BlV.device
+    r, c = torch.arange(l, device=dev) // w, torch.arange(l, device=dev) % w
+    near = ((r[:, None] - r[None]).abs() <= reach) & ((c[:, None] - c[None]).abs() <= reach)
+    idx = torch.arange(l, device=dev).expand(l, l)
+    return torch.bmm(x_BlV, x_BlV.transpose(1, 2)).masked_fill(~near, -torch.inf), idx
 
-    Similarities are cosines of the previous stage's logits, as in Eq. 3, and only anchors within
-    Chebyshev distance ``reach`` count. When the low set has fewer than ``count`` positions, all of it
-    becomes anchors and the rest go to the highest-ΔF computed positions (free: computed anyway).
-    Returns (anchors (B, l) bool, best similarity (B, l) (-inf: no anchor in reach), its position (B, l)).
+
+def adaptive_anchors(
+    prev_BhwV: torch.Tensor, low_Bl: torch.Tensor, uniform_l: torch.Tensor, reach: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy facility-location anchors at the uniform grid's count and cost (see the module notes).
+
+    ``uniform_l`` (l,) is the α×α grid: per sample, |grid ∩ low| anchors go into the low set and the rest
+    into the computed set (where they cost nothing). Returns (anchors (B, l) bool, each position's best
+    similarity to an anchor in reach (B, l), -inf for none, that anchor's position (B, l)).
     """
     B, h, w, V = prev_BhwV.shape
     l = h * w
-    if not 1 <= count <= l:
-        raise InvalidOption(f"adaptive anchor count {count} must be in 1..{l}")
     dev = prev_BhwV.device
     x = F.normalize(prev_BhwV.reshape(B, l, V).float(), dim=-1)
-    d = torch.arange(-reach, reach + 1, device=dev)
-    dy, dx = d.repeat_interleave(d.numel()), d.repeat(d.numel())  # the (2·reach+1)² window offsets
-    best = torch.full((B, l + 1), -torch.inf, device=dev)  # column l: dump slot for out-of-grid offsets
+    sim, idx = _pairwise_in_reach(x, h, w, reach)  # sim[b, c, j]: candidate c to its j-th neighbour
+    budget_low = (low_Bl & uniform_l[None]).sum(dim=1)  # (B,)
+    budget_high = int(uniform_l.sum()) - budget_low
+    best = torch.full((B, l + 1), -torch.inf, device=dev)  # column l: the outside-the-grid dump slot
     pos = torch.zeros(B, l + 1, dtype=torch.long, device=dev)
     anchor = torch.zeros(B, l, dtype=torch.bool, device=dev)
-    rows_b = torch.arange(B, device=dev)
-    for _ in range(count):
-        cand = low_Bl & ~anchor
-        has = cand.any(dim=1, keepdim=True)
-        cov = torch.where(cand, -best[:, :l], -torch.inf)  # worst covered first (uncovered = +inf)
-        tie = cov == cov.amax(dim=1, keepdim=True)
-        prio = torch.where(
-            has, torch.where(cand & tie, dF_Bl, -torch.inf), torch.where(~anchor, dF_Bl, -torch.inf)
-        )
-        a = prio.argmax(dim=1)  # (B,)
-        anchor[rows_b, a] = True
-        r, c = (a // w)[:, None] + dy[None], (a % w)[:, None] + dx[None]
-        inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)
-        idx = torch.where(inside, r * w + c, l)
-        sim = torch.bmm(
-            x.gather(1, idx.clamp(max=l - 1)[..., None].expand(-1, -1, V)), x[rows_b, a][..., None]
-        )
-        sim = sim.squeeze(-1).masked_fill(~inside, -torch.inf)
-        upd = sim > best.gather(1, idx)
-        best.scatter_(1, idx, torch.where(upd, sim, best.gather(1, idx)))
-        pos.scatter_(1, idx, torch.where(upd, a[:, None].expand_as(idx), pos.gather(1, idx)))
+    target = torch.cat([low_Bl, low_Bl.new_zeros(B, 1)], dim=1)  # only excluded tokens copy
+    rows = torch.arange(B, device=dev)
+    for _ in range(int(uniform_l.sum())):
+        value = torch.where(target, best.clamp_min(0), torch.inf)  # what each token has now
+        gain = (sim - value[:, idx]).clamp_min(0).nan_to_num(0.0, posinf=0.0, neginf=0.0).sum(-1)  # (B, l)
+        ok = ~anchor & torch.where(low_Bl, (budget_low > 0)[:, None], (budget_high > 0)[:, None])
+        a = gain.masked_fill(~ok, -1.0).argmax(dim=1)  # ties: the first position
+        anchor[rows, a] = True
+        in_low = low_Bl[rows, a]
+        budget_low = budget_low - in_low.long()
+        budget_high = budget_high - (~in_low).long()
+        nb = idx[a]  # (B, W)
+        s_a = sim[rows, a]
+        upd = s_a > best.gather(1, nb)
+        best.scatter_(1, nb, torch.where(upd, s_a, best.gather(1, nb)))
+        pos.scatter_(1, nb, torch.where(upd, a[:, None].expand_as(nb), pos.gather(1, nb)))
     return anchor, best[:, :l], pos[:, :l]
 
 
@@ -286,9 +291,8 @@ class SparseVARPolicy:
             low = (dF < self.cfg.tau * dF.amax(dim=1, keepdim=True)) | prev_low  # Eq. 2 + monotone
             if self.cfg.anchors == "adaptive":
                 assert st.prev_BhwV is not None
-                a = self.cfg.alpha
                 anchor, st.anchor_sim, st.anchor_pos = adaptive_anchors(
-                    st.prev_BhwV, low, dF, anchor_count(h, w, a), 2 * a - 1
+                    st.prev_BhwV, low, anchor, 2 * self.cfg.alpha - 1
                 )
             computed = ~low | anchor
         else:
