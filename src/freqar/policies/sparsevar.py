@@ -169,17 +169,6 @@ def anchor_count(h: int, w: int, alpha: int) -> int:
     return math.ceil(h / alpha) * math.ceil(w / alpha)
 
 
-def _pairwise_in_reach(x_BlV: torch.Tensor, h: int, w: int, reach: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cosine similarities of each position to every position within Chebyshev ``reach``: (sim (B, l, l),
-    -inf beyond reach, and the positions (l, l)). One batched matmul: cheaper than gathered windows."""
-    B, l, V = x_BlV.shape
-    dev = x_BlV.device
-    r, c = torch.arange(l, device=dev) // w, torch.arange(l, device=dev) % w
-    near = ((r[:, None] - r[None]).abs() <= reach) & ((c[:, None] - c[None]).abs() <= reach)
-    idx = torch.arange(l, device=dev).expand(l, l)
-    return torch.bmm(x_BlV, x_BlV.transpose(1, 2)).masked_fill(~near, -torch.inf), idx
-
-
 def adaptive_anchors(
     prev_BhwV: torch.Tensor, low_Bl: torch.Tensor, uniform_l: torch.Tensor, reach: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -193,29 +182,30 @@ def adaptive_anchors(
     l = h * w
     dev = prev_BhwV.device
     x = F.normalize(prev_BhwV.reshape(B, l, V).float(), dim=-1)
-    sim, idx = _pairwise_in_reach(x, h, w, reach)  # sim[b, c, j]: candidate c to its j-th neighbour
+    r, c = torch.arange(l, device=dev) // w, torch.arange(l, device=dev) % w
+    near = ((r[:, None] - r[None]).abs() <= reach) & ((c[:, None] - c[None]).abs() <= reach)
+    sim = torch.bmm(x, x.transpose(1, 2)).masked_fill_(~near, -torch.inf)  # (B, candidate, token)
+    # what a candidate gains counts excluded tokens only: others never copy
+    gain_sim = sim.masked_fill(~low_Bl[:, None, :], -torch.inf)
     budget_low = (low_Bl & uniform_l[None]).sum(dim=1)  # (B,)
     budget_high = int(uniform_l.sum()) - budget_low
-    best = torch.full((B, l + 1), -torch.inf, device=dev)  # column l: the outside-the-grid dump slot
-    pos = torch.zeros(B, l + 1, dtype=torch.long, device=dev)
+    best = torch.full((B, l), -torch.inf, device=dev)
+    pos = torch.zeros(B, l, dtype=torch.long, device=dev)
     anchor = torch.zeros(B, l, dtype=torch.bool, device=dev)
-    target = torch.cat([low_Bl, low_Bl.new_zeros(B, 1)], dim=1)  # only excluded tokens copy
     rows = torch.arange(B, device=dev)
     for _ in range(int(uniform_l.sum())):
-        value = torch.where(target, best.clamp_min(0), torch.inf)  # what each token has now
-        gain = (sim - value[:, idx]).clamp_min(0).nan_to_num(0.0, posinf=0.0, neginf=0.0).sum(-1)  # (B, l)
+        gain = (gain_sim - best.clamp_min(0)[:, None, :]).clamp_min_(0).sum(-1)  # (B, l)
         ok = ~anchor & torch.where(low_Bl, (budget_low > 0)[:, None], (budget_high > 0)[:, None])
-        a = gain.masked_fill(~ok, -1.0).argmax(dim=1)  # ties: the first position
+        a = gain.masked_fill_(~ok, -1.0).argmax(dim=1)  # ties: the first position
         anchor[rows, a] = True
         in_low = low_Bl[rows, a]
         budget_low = budget_low - in_low.long()
         budget_high = budget_high - (~in_low).long()
-        nb = idx[a]  # (B, W)
-        s_a = sim[rows, a]
-        upd = s_a > best.gather(1, nb)
-        best.scatter_(1, nb, torch.where(upd, s_a, best.gather(1, nb)))
-        pos.scatter_(1, nb, torch.where(upd, a[:, None].expand_as(nb), pos.gather(1, nb)))
-    return anchor, best[:, :l], pos[:, :l]
+        s_a = sim[rows, a]  # (B, l)
+        upd = s_a > best
+        best = torch.where(upd, s_a, best)
+        pos = torch.where(upd, a[:, None], pos)
+    return anchor, best, pos
 
 
 def selection_from_mask(computed_Bl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
