@@ -10,7 +10,7 @@ is FD on EfficientNet-Lite0 features against the data set's train split, with th
 
 Usage:
     python benchmarks/far_emoji_skip.py --model far-emoji --data data/emoji128 --samples 200 \
-        --taus 0.05,0.1,0.2,0.4 --keeps 0.5 --out runs/far-skip
+        --taus 0.05,0.1,0.2,0.4 --keeps 0.5 --start-stages 2,4 --out runs/far-skip
 Writes OUT/far_skip.json, OUT/far_skip.md and OUT/far_skip.png (speed-up against FD increase).
 """
 
@@ -41,14 +41,17 @@ class Row:
     images: list[torch.Tensor] = field(default_factory=list)
 
 
-def build_rows(taus: list[float], keeps: list[float], start: int | None) -> list[Row]:
+def build_rows(taus: list[float], keeps: list[float], starts: list[int | None]) -> list[Row]:
+    """Dense, dense with other seeds, then every (start level P, τ) and (P, keep budget) pair."""
     from freqar.policies.levels import FARSkipConfig, FARSkipPolicy
 
     rows = [Row("dense"), Row("dense (other seeds)", seed_offset=NOISE_SEED_OFFSET)]
-    rows += [Row(f"farskip tau={t:g}", FARSkipPolicy(FARSkipConfig(tau=t, start_stage=start))) for t in taus]
-    rows += [
-        Row(f"farskip keep={k:g}", FARSkipPolicy(FARSkipConfig(keep=k, start_stage=start))) for k in keeps
-    ]
+    for p in starts:
+        at = "" if p is None else f" P={p}"
+        for t in taus:
+            rows.append(Row(f"farskip tau={t:g}{at}", FARSkipPolicy(FARSkipConfig(tau=t, start_stage=p))))
+        for k in keeps:
+            rows.append(Row(f"farskip keep={k:g}{at}", FARSkipPolicy(FARSkipConfig(keep=k, start_stage=p))))
     return rows
 
 
@@ -64,7 +67,8 @@ def run(args: argparse.Namespace) -> dict:
     labels = sample_labels(ref["train_labels"], args.samples, pipe.num_classes, args.seed)
     taus = [float(t) for t in args.taus.split(",") if t]
     keeps = [float(k) for k in args.keeps.split(",") if k]
-    rows = build_rows(taus, keeps, args.start_stage)
+    starts = [int(p) for p in args.start_stages.split(",") if p] if args.start_stages else [None]
+    rows = build_rows(taus, keeps, starts)
     kw = dict(steps=args.steps, cfg=args.cfg)
     pipe.generate(labels[:2], seed=0, **kw)  # warm-up, untimed
     batches = list(range(0, len(labels), args.batch))
@@ -120,7 +124,7 @@ def run(args: argparse.Namespace) -> dict:
         "steps": args.steps or pipe.defaults.steps,
         "cfg": args.cfg if args.cfg is not None else pipe.defaults.cfg,
         "levels": list(pipe.tokenizer().levels),
-        "start_stage": args.start_stage,
+        "start_stages": args.start_stages or "default (levels // 2)",
         "fd_floor": floor,
         "fd_ceiling": ceiling,
         "results": res,
@@ -196,9 +200,7 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, default=None)
     ap.add_argument("--taus", default="0.05,0.1,0.2,0.4")
     ap.add_argument("--keeps", default="0.5")
-    ap.add_argument(
-        "--start-stage", type=int, default=None, help="first sparse level P (default levels // 2)"
-    )
+    ap.add_argument("--start-stages", default="", help="first sparse levels P, e.g. 2,4 (default: levels//2)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="runs/far-skip")
     args = ap.parse_args()
