@@ -176,7 +176,12 @@ def test_cli_bench_list_and_errors(capsys) -> None:
 def test_cli_generate_accel_and_save_masks(tmp_path, capsys) -> None:
     out, masks = tmp_path / "s.png", tmp_path / "m.png"
     argv = ["generate", "--labels", "1,2", "--quiet", "--out", str(out)]
-    assert main(argv + ["--accel", "--tau", "0.9", "--start-stage", "3", "--save-masks", str(masks)]) == 0
+    assert (
+        main(
+            argv + ["--accel", "sparsevar", "--tau", "0.9", "--start-stage", "3", "--save-masks", str(masks)]
+        )
+        == 0
+    )
     assert out.is_file() and masks.is_file()
     assert "sparsevar: computed" in capsys.readouterr().out
     assert main(argv + ["--accel", "fastvar", "--keep", "0.5"]) == 0

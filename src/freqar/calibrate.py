@@ -283,6 +283,10 @@ def calibrated_block(
 
 def with_calibrated_block(policy: Any, pipe: Pipeline, model: str) -> Any:
     """A SparseVAR policy without an explicit block gets the calibrated one (others are returned as is)."""
+    from .policies.skip import SkipPolicy
+
+    if isinstance(policy, SkipPolicy) and policy.inner is not None:
+        return SkipPolicy(policy.cfg, with_calibrated_block(policy.inner, pipe, model))
     if not isinstance(policy, SparseVARPolicy) or policy.cfg.block is not None:
         return policy
     block = calibrated_block(pipe, model)

@@ -77,6 +77,15 @@ def _tiny() -> ModelSpec:
 # Models whose trained weights ship inside the package: preset name -> folder under freqar/assets.
 BUNDLED = {"emoji": "emoji-default"}
 BUNDLED_FAR = {"far-emoji": "far-emoji"}  # FAR family (models/far_pipeline.py builds their presets)
+# What a bare `--accel` runs per model: the best setting of `freqar study` on that model (README, "freqar
+# study"); other next-scale models get the paper's SparseVAR (the CLI gives FAR models farskip).
+STUDIED_ACCEL: dict[str, tuple[str, dict[str, int | float]]] = {"emoji": ("fastvar+skip", {"skip": 2})}
+
+
+def recommended_accel(model: str) -> tuple[str, dict[str, int | float]]:
+    """The accelerated method and knobs ``--accel auto`` picks for a next-scale ``model``."""
+    method, knobs = STUDIED_ACCEL.get(model, ("sparsevar", {}))
+    return method, dict(knobs)
 
 
 def bundled_dir(name: str) -> Path | None:

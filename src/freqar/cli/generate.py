@@ -13,7 +13,9 @@ from ..imageio import check_writable, make_grid, save_images, save_png
 from ..models.hart_pipeline import is_hart_model
 from ..models.infinity_pipeline import is_infinity_model
 from ..policies import make_policy
+from ..policies.skip import SkipPolicy, build_accel, split_method
 from ..policies.sparsevar import mask_picture
+from ..registry import recommended_accel
 from .common import add_model_args, float_list, int_list, load_model
 from .far_generate import add_far_args
 
@@ -27,7 +29,10 @@ _KNOBS = {
     "keep": ("keep", ("sparsevar", "fastvar", "farskip")),
     "drop": ("drop", ("fastvar",)),
     "cache_stage": ("cache_stage", ("fastvar",)),
+    "anchors": ("anchors", ("sparsevar",)),
+    "skip": ("skip", ("skip", "sparsevar+skip", "fastvar+skip")),
 }
+ACCEL_CHOICES = ("none", "auto", "sparsevar", "fastvar", "farskip", "skip", "sparsevar+skip", "fastvar+skip")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -58,11 +63,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument(
         "--accel",
         nargs="?",
-        const="sparsevar",
+        const="auto",
         default="none",
-        choices=("none", "sparsevar", "fastvar", "farskip"),
-        help="token policy: none (dense, default), sparsevar (what a bare --accel gives, paper defaults), "
-        "fastvar (peer baseline) or farskip (FAR models: exclusion on frequency levels)",
+        choices=ACCEL_CHOICES,
+        help="none (dense, default); auto (what a bare --accel gives: the setting `freqar study` found best "
+        "for the model, else sparsevar); sparsevar (paper defaults); fastvar (peer baseline); farskip (FAR "
+        "models: exclusion on frequency levels); skip, sparsevar+skip, fastvar+skip (the last --skip "
+        "scales not run, VAR models)",
     )
     a.add_argument("--tau", type=float, help="SparseVAR/farskip threshold τ in [0,1] (0.6/0.1; 0 = off)")
     a.add_argument("--alpha", type=int, help="SparseVAR anchor grid α >= 1 (4)")
@@ -76,24 +83,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     a.add_argument("--drop", help="FastVAR drop ratios per pruned stage, comma-separated (0.4,0.5,0.5,0.75)")
     a.add_argument("--cache-stage", type=int, help="FastVAR dense cache stage (start stage - 1)")
+    a.add_argument(
+        "--anchors", choices=("uniform", "adaptive"), help="SparseVAR anchor placement (uniform α×α grid)"
+    )
+    a.add_argument("--skip", type=int, help="scales not run at the end, for the +skip methods (1)")
     a.add_argument("--save-masks", metavar="PATH", help="SparseVAR: write the per-stage token masks (PNG)")
     p.set_defaults(func=run)
 
 
 def build_policy(args: argparse.Namespace):
     """The token policy the options ask for (None = dense); knobs of another policy are an error."""
-    knobs = {}
+    method, knobs = args.accel, {}
+    if method == "auto":  # the study's best setting for this model; the user's knobs still win
+        from ..models.far_pipeline import is_far_model
+
+        method, knobs = ("farskip", {}) if is_far_model(args.model) else recommended_accel(args.model)
+    shown = method if args.accel != "auto" else f"auto (= {method} for model '{args.model}')"
+    base, skip = split_method(method) if "skip" in method.split("+") else (method, False)
     for opt, (field, owners) in _KNOBS.items():
         value = getattr(args, opt)
         if value is None:
             continue
-        if args.accel not in owners:
+        if base not in owners and method not in owners:
             flag = "--" + opt.replace("_", "-")
-            raise InvalidOption(f"{flag} applies to --accel {' or '.join(owners)}, not --accel {args.accel}")
+            raise InvalidOption(f"{flag} applies to --accel {' or '.join(owners)}, not --accel {shown}")
         knobs[field] = tuple(float_list(value, "--drop")) if opt == "drop" else value
-    if args.save_masks and args.accel != "sparsevar":
-        raise InvalidOption("--save-masks needs --accel sparsevar")
-    return None if args.accel == "none" else make_policy(args.accel, **knobs)
+    if args.save_masks and method != "sparsevar":
+        raise InvalidOption(f"--save-masks needs --accel sparsevar, not --accel {shown}")
+    if method == "none":
+        return None
+    return build_accel(method, knobs) if skip else make_policy(method, **knobs)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,6 +133,10 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidOption("--negative-prompt applies to Infinity models only")
     from ..models.far_pipeline import is_far_model
 
+    if isinstance(policy, SkipPolicy) and (
+        is_far_model(args.model) or is_hart_model(args.model) or is_infinity_model(args.model)
+    ):
+        raise InvalidOption(f"--accel {args.accel}: scale skipping applies to VAR-family class models only")
     if is_far_model(args.model):
         from .far_generate import run_far
 
