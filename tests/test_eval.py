@@ -52,3 +52,4 @@ def test_evaluate_writes_eval_json(tmp_path: Path) -> None:
         assert key in saved
     assert all(np.isfinite(res[k]) for k in ("fd", "fd_floor", "fd_ceiling", "kid", "precision", "recall"))
     assert list(data.glob("features-*.npz"))  # reference stats cached
+    assert np.isfinite(res["fd_reconstruction"]) and "fd_reconstruction_normalized" in saved

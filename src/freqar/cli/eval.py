@@ -103,6 +103,13 @@ def run(args: argparse.Namespace) -> int:
         f"IS-like {res['inception_like_score']:.2f}; "
         f"precision {res['precision']:.3f}, recall {res['recall']:.3f}"
     )
+    if res.get("fd_reconstruction") is not None:
+        rn = res["fd_reconstruction_normalized"]
+        print(
+            f"tokenizer reconstructions of the held-out split: FD_lite0 {res['fd_reconstruction']:.1f}"
+            + (f" (normalised {rn:.3f})" if rn is not None else "")
+            + ": what a transformer on this tokenizer can at best approach"
+        )
     print(f"wrote {Path(args.out) / 'eval.json'}")
     return 0
 

@@ -173,7 +173,16 @@ def evaluate(
     labels = sample_labels(ref["train_labels"], settings.samples, pipe.num_classes, settings.seed)
     imgs, sec_per_img = generate_samples(pipe, labels, settings)
     feats, logits = extract(net, imgs)
-    res = score_features(feats, logits, ref, settings)
+    scorer = ReferenceScorer(ref, settings)
+    res = scorer.score(feats, logits)
+    rec = reconstructions(pipe, load_manifest_dataset(data, "heldout").images, settings.batch)
+    if rec is not None:  # the tokenizer's own bound: no transformer on this tokenizer can score below it
+        b = scorer.bounds(rec.shape[0])
+        res["fd_reconstruction"] = scorer.fd_to_train(extract(net, rec)[0])
+        span = b["fd_ceiling"] - b["fd_floor"]
+        res["fd_reconstruction_normalized"] = (
+            (res["fd_reconstruction"] - b["fd_floor"]) / span if span > 0 else None
+        )
     res["settings"] = {
         **asdict(settings),
         "model": pipe.name,
@@ -190,6 +199,25 @@ def evaluate(
     write_json(out / "eval.json", res)
     _save_preview(imgs[:64], out / "samples.png")
     return res
+
+
+@torch.no_grad()
+def reconstructions(pipe: Pipeline, images_BHWC: torch.Tensor, batch: int = 25) -> torch.Tensor | None:
+    """Held-out images through the pipeline's discrete tokenizer (encode -> codes -> decode), in [0, 1];
+    None for tokenizers without ``encode``/``decode_indices`` (KL, hybrid)."""
+    tok = pipe.tokenizer
+    if not (hasattr(tok, "encode") and hasattr(tok, "decode_indices")):
+        return None
+    x = images_BHWC.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    size = pipe.image_size
+    if x.shape[-1] != size:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    dev = pipe.device
+    out = [
+        tok.decode_indices(tok.encode(x[i : i + batch].to(dev))).float().cpu()
+        for i in range(0, x.shape[0], max(batch, 1))
+    ]
+    return torch.cat(out).add(1).div(2).clamp(0, 1)
 
 
 def _save_preview(imgs: torch.Tensor, path: Path) -> None:
