@@ -196,6 +196,14 @@ def test_cli_train_kl_and_far(tmp_path: Path, data_dir: Path, capsys) -> None:  
         == 0
     )
     assert png.is_file()
+    # `freqar eval` scores the KL autoencoder's reconstructions as the bound for a FAR model
+    from freqar.eval.run import reconstructions
+    from freqar.models.far_pipeline import create_far_model
+    from freqar.train.data import load_manifest_dataset
+
+    held = load_manifest_dataset(data_dir, "heldout").images[:3]
+    rec = reconstructions(create_far_model(str(far / "model")), held)
+    assert rec is not None and rec.shape == (3, 3, 16, 16) and 0 <= rec.min() and rec.max() <= 1
     # bad input: one-line errors
     assert main([*fargs[:-1], str(tmp_path / "f2"), "--steps", "1"]) == 2
     assert "no autoencoder given (far.kl=" in capsys.readouterr().err

@@ -203,20 +203,28 @@ def evaluate(
 
 @torch.no_grad()
 def reconstructions(pipe: Pipeline, images_BHWC: torch.Tensor, batch: int = 25) -> torch.Tensor | None:
-    """Held-out images through the pipeline's discrete tokenizer (encode -> codes -> decode), in [0, 1];
-    None for tokenizers without ``encode``/``decode_indices`` (KL, hybrid)."""
+    """Held-out images through the pipeline's discrete tokenizer (encode -> codes -> decode), or FAR's KL
+    autoencoder (posterior mode -> decode), in [0, 1]; None for other tokenizers (hybrid)."""
     tok = pipe.tokenizer
-    if not (hasattr(tok, "encode") and hasattr(tok, "decode_indices")):
+    if getattr(pipe, "family", "") == "far":
+        tok = pipe.vae  # type: ignore[attr-defined]
+
+        def roundtrip(b: torch.Tensor) -> torch.Tensor:
+            return tok.decode(tok.encode(b))
+
+    elif hasattr(tok, "encode") and hasattr(tok, "decode_indices"):
+
+        def roundtrip(b: torch.Tensor) -> torch.Tensor:
+            return tok.decode_indices(tok.encode(b))
+
+    else:
         return None
     x = images_BHWC.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
     size = pipe.image_size
     if x.shape[-1] != size:
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
     dev = pipe.device
-    out = [
-        tok.decode_indices(tok.encode(x[i : i + batch].to(dev))).float().cpu()
-        for i in range(0, x.shape[0], max(batch, 1))
-    ]
+    out = [roundtrip(x[i : i + batch].to(dev)).float().cpu() for i in range(0, x.shape[0], max(batch, 1))]
     return torch.cat(out).add(1).div(2).clamp(0, 1)
 
 
