@@ -253,3 +253,56 @@ def test_kl_init_starts_from_a_trained_export(tmp_path: Path, data_dir: Path, tr
     other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, ch=16))
     with pytest.raises(CheckpointMismatch, match="different autoencoder"):
         KLTask(other, load_dataset(cfg.data), DistContext())
+
+
+def _far_ddp_worker(rank: int, world: int, port: int, data: str, kl: str, out: str, res: str) -> None:
+    """One rank of a 2-process gloo FAR run; saves its live (not checkpointed) model for comparison."""
+    import os
+
+    from freqar.train.config import to_dict
+    from freqar.train.data import load_dataset
+    from freqar.train.dist import init_distributed, shutdown
+    from freqar.train.far import FARTask
+    from freqar.train.loop import TrainLoop
+
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(world)}
+    os.environ.update({**env, "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)
+    ctx = init_distributed("cpu")
+    try:
+        cfg = far_cfg(Path(data), Path(kl), steps=3, ckpt_every=2)
+        task = FARTask(cfg, load_dataset(cfg.data), ctx, Path(out))
+        loop = TrainLoop(task, to_dict(cfg), cfg.optim, cfg.run, Path(out), ctx, progress=False)
+        loop.fit()
+        torch.save(loop.model.state_dict(), Path(res) / f"r{rank}.pt")
+    finally:
+        shutdown(ctx)
+
+
+def test_far_ddp_two_processes_stay_identical(tmp_path: Path, data_dir: Path, trained_kl: Path) -> None:
+    """Masked and unmasked batches (mask_prob 0.5): every parameter gets a gradient on every rank."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    res = tmp_path / "res"
+    res.mkdir()
+    args = (2, port, str(data_dir), str(trained_kl), str(tmp_path / "run"), str(res))
+    mp.spawn(_far_ddp_worker, args=args, nprocs=2, join=True)
+    a, b = (torch.load(res / f"r{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a), "replicas differ"
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 3 and all(torch.equal(a[k], ck["model"][k]) for k in a)
+    assert not torch.equal(a["z_proj.weight"], _initial_far(data_dir, trained_kl, tmp_path)["z_proj.weight"])
+
+
+def _initial_far(data: Path, kl: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    from freqar.train.data import load_dataset
+    from freqar.train.dist import DistContext
+    from freqar.train.far import FARTask
+
+    cfg = far_cfg(data, kl)
+    return FARTask(cfg, load_dataset(cfg.data), DistContext(), tmp / "init").module.state_dict()
