@@ -34,7 +34,7 @@ from ..errors import InvalidOption
 from ..models.far import FARConfig, FARTransformer
 from ..models.far_pipeline import FARDefaults, FARPipeline
 from ..tokenizers.kl import AutoencoderKL
-from .config import DataConfig, OptimConfig, RunConfig, to_dict
+from .config import DataConfig, OptimConfig, RunConfig
 from .data import DatasetError, ImageSet, batch_indices, step_generator, to_unit
 from .dist import DistContext
 from .kl import kl_fingerprint, load_kl
@@ -239,13 +239,6 @@ def train_far(
     export_only: bool = False,
 ) -> Any:
     """``freqar train far``: a TrainResult, or the export Path with ``export_only``."""
-    from .data import load_dataset
-    from .loop import TrainLoop
-    from .run import _threads
+    from .run import run_task
 
-    ctx = ctx or DistContext()
-    _threads(cfg.run.threads)
-    data = load_dataset(cfg.data)
-    task = FARTask(cfg, data, ctx, out)
-    loop = TrainLoop(task, {"task": "far", **to_dict(cfg)}, cfg.optim, cfg.run, out, ctx, progress)
-    return loop.export_only() if export_only else loop.fit()
+    return run_task("far", cfg, lambda data, c: FARTask(cfg, data, c, out), out, ctx, progress, export_only)

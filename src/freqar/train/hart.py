@@ -38,7 +38,7 @@ from ..models.hart import HARTConfig, HARTTransformer
 from ..models.hart_class import ClassContext, HARTClassPipeline
 from ..models.hart_pipeline import HARTDefaults, HARTPipeline
 from ..tokenizers.hybrid import HybridTokenizer
-from .config import DataConfig, OptimConfig, RunConfig, to_dict
+from .config import DataConfig, OptimConfig, RunConfig
 from .data import DatasetError, ImageSet, batch_indices, step_generator, to_unit
 from .dist import DistContext
 from .hart_tokenizer import load_hybrid_tokenizer
@@ -312,13 +312,6 @@ def train_hart(
     export_only: bool = False,
 ) -> Any:
     """``freqar train hart``: a TrainResult, or the export Path with ``export_only``."""
-    from .data import load_dataset
-    from .loop import TrainLoop
-    from .run import _threads
+    from .run import run_task
 
-    ctx = ctx or DistContext()
-    _threads(cfg.run.threads)
-    data = load_dataset(cfg.data)
-    task = HARTTask(cfg, data, ctx, out)
-    loop = TrainLoop(task, {"task": "hart", **to_dict(cfg)}, cfg.optim, cfg.run, out, ctx, progress)
-    return loop.export_only() if export_only else loop.fit()
+    return run_task("hart", cfg, lambda data, c: HARTTask(cfg, data, c, out), out, ctx, progress, export_only)

@@ -128,13 +128,14 @@ def train_hart_tokenizer(
     export_only: bool = False,
 ) -> Any:
     """``freqar train hart-tokenizer``: a TrainResult, or the export Path with ``export_only``."""
-    from .data import load_dataset
-    from .loop import TrainLoop
-    from .run import _threads
+    from .run import run_task
 
-    ctx = ctx or DistContext()
-    _threads(cfg.run.threads)
-    data = load_dataset(cfg.data)
-    task = HybridTokenizerTask(cfg, data, ctx)
-    loop = TrainLoop(task, {"task": "hart-tokenizer", **to_dict(cfg)}, cfg.optim, cfg.run, out, ctx, progress)
-    return loop.export_only() if export_only else loop.fit()
+    return run_task(
+        "hart-tokenizer",
+        cfg,
+        lambda data, c: HybridTokenizerTask(cfg, data, c),
+        out,
+        ctx,
+        progress,
+        export_only,
+    )

@@ -276,13 +276,6 @@ def train_kl(
     export_only: bool = False,
 ) -> Any:
     """``freqar train tokenizer --kind kl``: a TrainResult, or the export Path with ``export_only``."""
-    from .data import load_dataset
-    from .loop import TrainLoop
-    from .run import _threads
+    from .run import run_task
 
-    ctx = ctx or DistContext()
-    _threads(cfg.run.threads)
-    data = load_dataset(cfg.data)
-    task = KLTask(cfg, data, ctx)
-    loop = TrainLoop(task, {"task": "kl", **to_dict(cfg)}, cfg.optim, cfg.run, out, ctx, progress)
-    return loop.export_only() if export_only else loop.fit()
+    return run_task("kl", cfg, lambda data, c: KLTask(cfg, data, c), out, ctx, progress, export_only)
