@@ -78,9 +78,7 @@ class Pipeline(ModuleBundle):
         return (self.transformer, self.tokenizer)
 
     def check_labels(self, labels: list[int]) -> None:
-        for lab in labels:
-            if not 0 <= lab < self.num_classes:
-                raise InvalidOption(f"label {lab} is outside [0, {self.num_classes}) for model '{self.name}'")
+        check_class_labels(labels, self.num_classes, self.name)
 
     def generate(
         self,
@@ -113,11 +111,7 @@ class Pipeline(ModuleBundle):
             gen.manual_seed(seed)
         lab_t = None
         if labels is not None:
-            lab_list = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
-            self.check_labels(lab_list)
-            lab_t = torch.tensor(lab_list, dtype=torch.long)
-            if len(lab_list) < 1:
-                raise InvalidOption("batch must be >= 1")
+            lab_t = label_tensor(labels, self.num_classes, self.name)
         elif batch < 1:
             raise InvalidOption(f"batch must be >= 1, got {batch}")
         return generate(
@@ -149,6 +143,22 @@ class Pipeline(ModuleBundle):
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``config.json`` and ``model.safetensors`` (keys ``vae.*`` and ``var.*``) atomically."""
         return save_model_dir(directory, self.config_dict(), {"vae": self.tokenizer, "var": self.transformer})
+
+
+def check_class_labels(labels: list[int], num_classes: int, model: str) -> None:
+    """Every label in [0, num_classes): the one rule of all class-conditional pipelines."""
+    for lab in labels:
+        if not 0 <= lab < num_classes:
+            raise InvalidOption(f"label {lab} is outside [0, {num_classes}) for model '{model}'")
+
+
+def label_tensor(labels: list[int] | torch.Tensor, num_classes: int, model: str) -> torch.Tensor:
+    """Checked labels as a long tensor (at least one)."""
+    lab_list = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
+    if not lab_list:
+        raise InvalidOption("batch must be >= 1")
+    check_class_labels(lab_list, num_classes, model)
+    return torch.tensor(lab_list, dtype=torch.long)
 
 
 def build_pipeline(

@@ -27,7 +27,7 @@ from ..engine.generate import GenerationOutput, StageInfo
 from ..errors import CheckpointMismatch, InvalidOption
 from ..interfaces import TokenPolicy
 from ..io import load_safetensors, load_state_dict_strict, read_json, save_model_dir
-from ..pipeline import FORMAT, ModuleBundle
+from ..pipeline import FORMAT, ModuleBundle, check_class_labels, label_tensor
 from ..tokenizers.hybrid import HybridTokenizer
 from ..tokenizers.msvq import MSVQConfig
 from .hart import HARTConfig, HARTTransformer, TextFeatures
@@ -97,9 +97,7 @@ class HARTClassPipeline(ModuleBundle):
         return (self.hart.transformer, self.hart.tokenizer, self.classes)
 
     def check_labels(self, labels: list[int]) -> None:
-        for lab in labels:
-            if not 0 <= lab < self.num_classes:
-                raise InvalidOption(f"label {lab} is outside [0, {self.num_classes}) for model '{self.name}'")
+        check_class_labels(labels, self.num_classes, self.name)
 
     @torch.no_grad()
     def generate(
@@ -128,11 +126,7 @@ class HARTClassPipeline(ModuleBundle):
             g = torch.Generator().manual_seed(seed)
             lab = torch.randint(0, self.num_classes, (batch,), generator=g)
         else:
-            lab_list = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
-            if not lab_list:
-                raise InvalidOption("batch must be >= 1")
-            self.check_labels(lab_list)
-            lab = torch.tensor(lab_list, dtype=torch.long)
+            lab = label_tensor(labels, self.num_classes, self.name)
         text = self.classes(lab.to(self.device))
         out = self.hart.generate(
             text=text,
