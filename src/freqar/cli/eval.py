@@ -37,11 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--accel",
         metavar="METHODS",
         help="compare dense with these methods, comma-separated: sparsevar, fastvar, skip, sparsevar+skip, "
-        "fastvar+skip; knobs after a method as :key=value (e.g. sparsevar:anchors=adaptive, "
-        "fastvar+skip:skip=2, sparsevar:block=2). Writes OUT/accel.json, accel.md, accel.png",
+        "fastvar+skip (VAR models) or farskip (FAR models); knobs after a method as :key=value (e.g. "
+        "sparsevar:anchors=adaptive, fastvar+skip:skip=2, sparsevar:block=2, farskip:start_stage=2, "
+        "farskip:keep=0.5). Writes OUT/accel.json, accel.md, accel.png",
     )
     a.add_argument(
-        "--taus", help="τ sweep for the SparseVAR methods without their own tau, e.g. 0.1,0.3,0.6,0.8"
+        "--taus",
+        help="τ sweep for the SparseVAR methods and farskip without their own tau, e.g. 0.1,0.3,0.6,0.8",
     )
     a.add_argument(
         "--calibration",
@@ -129,7 +131,9 @@ def run_accel_cli(args: argparse.Namespace, pipe: Any, settings: list, s: Any) -
     from ..eval.accel import run_accel, write_accel_report
     from ..eval.fid import lite0_feature_net
 
-    block = resolve_calibration(args.calibration, pipe, args.model)
+    if pipe.family == "far" and args.calibration not in ("auto", "none"):
+        raise InvalidOption(f"--calibration {args.calibration} applies to VAR models, not FAR '{pipe.name}'")
+    block = None if pipe.family == "far" else resolve_calibration(args.calibration, pipe, args.model)
     out = Path(args.out)
     report = run_accel(
         pipe,
@@ -155,5 +159,14 @@ def run_accel_cli(args: argparse.Namespace, pipe: Any, settings: list, s: Any) -
             f"(targets FD <= +5%: {'met' if v['fd_within_tolerance'] else 'NOT met'}, "
             f">= 1.3x: {'met' if v['speedup_met'] else 'NOT met'})"
         )
+    f = report.get("farskip_target")
+    if f is not None:
+        best = (
+            "none within the FD tolerance"
+            if f["best_setting"] is None
+            else f"{f['best_setting']}: {f['speedup_vs_dense']:.2f}x at {100 * f['fd_increase']:+.1f}% FD"
+        )
+        met = "met" if f["target_met"] else "NOT met"
+        print(f"farskip best within +5% FD: {best} (target >= 1.5x: {met})")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

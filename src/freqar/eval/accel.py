@@ -11,6 +11,12 @@ sample count: an FD increase below that row's is noise. Beside the engine's wall
 process CPU time of each generate call is kept (``cpu_speedup_vs_dense``): on a machine shared with other
 jobs wall time swings with their load, CPU time of a 1-thread run hardly does, so the two together show
 whether a speed-up is real.
+
+FAR models take ``farskip`` (token exclusion on frequency levels, ``policies/levels.py``) on the same
+protocol; their engine time is split into the encoder–decoder transformer, the diffusion head (steps ×
+computed tokens, most of the cost) and the VAE decode, and the issue's target for it (>= 1.5x end to end
+within +5 % FD) is checked on the best farskip row. VAR methods on a FAR model and farskip on a VAR model
+are one-line errors before any work.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ import torch
 from ..errors import InvalidOption
 from ..io import atomic_write, write_json
 from ..pipeline import Pipeline
+from ..policies import make_policy
 from ..policies.fastvar import FastVARConfig
+from ..policies.levels import FARSkipConfig
 from ..policies.skip import SkipPolicy, build_accel, split_method
 from ..policies.sparsevar import SparseVARConfig
 from .fid import FeatureNet, extract
@@ -39,6 +47,50 @@ from .run import EvalSettings, ReferenceScorer, reference_features, sample_label
 NOISE_SEED_OFFSET = 1000  # the "dense (other seeds)" row: same labels, seeds shifted by this
 SPARSEVAR_KNOBS = tuple(f.name for f in dataclasses.fields(SparseVARConfig))
 FASTVAR_KNOBS = tuple(f.name for f in dataclasses.fields(FastVARConfig))
+FARSKIP_KNOBS = tuple(f.name for f in dataclasses.fields(FARSkipConfig))
+VAR_METHODS = "sparsevar, fastvar, skip, sparsevar+skip, fastvar+skip"
+FAR_METHODS = ("farskip",)
+
+
+def method_family(method: str) -> str | None:
+    """``'far'`` for FAR's methods, ``'var'`` for the next-scale ones, None for plain dense (any family).
+
+    Unknown names fail here with every choice, so a typo is caught before a model is loaded."""
+    if method in FAR_METHODS:
+        return "far"
+    try:
+        if any(p in FAR_METHODS for p in method.split("+")):
+            raise InvalidOption(method)  # farskip composes with nothing (FAR has no scale skipping)
+        base, skip = split_method(method)
+    except InvalidOption:
+        raise InvalidOption(
+            f"unknown accelerated method '{method}' (choose from dense, {VAR_METHODS} for VAR models; "
+            f"{', '.join(FAR_METHODS)} for FAR models)"
+        ) from None
+    return None if base == "dense" and not skip else "var"
+
+
+def check_methods(pipe: Any, settings: list[AccelSetting]) -> None:
+    """One line naming the method and the model family when a setting does not apply to this model."""
+    fam = pipe.family
+    if fam not in ("var", "far"):
+        raise InvalidOption(
+            f"eval --accel needs a class-conditional VAR or FAR model, '{pipe.name}' is {fam}"
+        )
+    takes = {"var": VAR_METHODS, "far": ", ".join(FAR_METHODS)}
+    for s in settings:
+        mf = method_family(s.method)
+        if mf is not None and mf != fam:
+            raise InvalidOption(
+                f"eval --accel: method '{s.method}' is for {mf.upper()} models, '{pipe.name}' is a "
+                f"{fam.upper()} model (it takes {takes[fam]})"
+            )
+
+
+def stage_grids(pipe: Any) -> list[tuple[int, int]]:
+    """The engine's stage grids: VAR's multi-scale tokenizer, or FAR's levels (the same full latent)."""
+    tok = pipe.tokenizer() if pipe.family == "far" else pipe.tokenizer
+    return tok.stage_grids()
 
 
 @dataclass
@@ -52,7 +104,7 @@ class AccelSetting:
     seed_offset: int = 0
 
     def __post_init__(self) -> None:
-        split_method(self.method)  # unknown methods fail here, with the choices
+        method_family(self.method)  # unknown methods fail here, with the choices
         if not self.label:
             kn = " ".join(f"{k}={_fmt_value(v)}" for k, v in self.knobs.items())
             self.label = f"{self.method} {kn}".strip()
@@ -83,7 +135,8 @@ def parse_accel(text: str, taus: list[float] | None = None) -> list[AccelSetting
 
     Methods are comma-separated; knobs follow a method as ``:key=value`` (``drop=0.4/0.5``). A method
     built on SparseVAR without its own ``tau`` is expanded over ``taus``, plus the default τ (0.6) so
-    the default setting is always measured.
+    the default setting is always measured. ``farskip`` without ``tau`` or ``keep`` is expanded over
+    ``taus`` alone (it has no paper default to check).
     """
     out: list[AccelSetting] = []
     for item in [t.strip() for t in text.split(",") if t.strip()]:
@@ -94,8 +147,10 @@ def parse_accel(text: str, taus: list[float] | None = None) -> list[AccelSetting
             if not eq or not key.strip() or not value.strip():
                 raise InvalidOption(f"--accel knob '{part}' in '{item}' must be key=value")
             knobs[key.strip()] = _parse_value(key.strip(), value.strip())
-        base, _ = split_method(method.strip())
-        if base == "sparsevar" and "tau" not in knobs and taus:
+        base = "farskip" if method_family(method.strip()) == "far" else split_method(method.strip())[0]
+        if base == "farskip" and "tau" not in knobs and "keep" not in knobs and taus:
+            out += [AccelSetting("farskip", {"tau": t, **knobs}) for t in sorted(set(taus))]
+        elif base == "sparsevar" and "tau" not in knobs and taus:
             sweep = sorted(set(taus) | {SparseVARConfig().tau})
             out += [AccelSetting(method.strip(), {"tau": t, **knobs}) for t in sweep]
         else:
@@ -112,6 +167,8 @@ def resolve_setting(pipe: Pipeline, s: AccelSetting, calibrated: int | None) -> 
     A SparseVAR setting without ``block`` takes the calibrated block when there is one. Knob errors
     (a block past the depth, a skip that leaves nothing to accelerate) raise here, before any work.
     """
+    if method_family(s.method) == "far":
+        return _resolve_farskip(pipe, s)
     base, skip = split_method(s.method)
     knobs = dict(s.knobs)
     source = None
@@ -123,7 +180,7 @@ def resolve_setting(pipe: Pipeline, s: AccelSetting, calibrated: int | None) -> 
         policy = build_accel(s.method, knobs)
     except TypeError as e:  # a knob value of the wrong type (e.g. anchors=3)
         raise InvalidOption(f"--accel {s.label}: {e}") from None
-    grids = pipe.tokenizer.stage_grids()
+    grids = stage_grids(pipe)
     S, depth = len(grids), pipe.transformer.depth
     if policy is not None:
         policy.begin(grids, 1, depth, pipe.device)
@@ -160,6 +217,24 @@ def resolve_setting(pipe: Pipeline, s: AccelSetting, calibrated: int | None) -> 
     return policy, resolved
 
 
+def _resolve_farskip(pipe: Any, s: AccelSetting) -> tuple[Any, dict[str, Any]]:
+    """farskip: the policy, and its knobs with the start level P resolved for this schedule."""
+    try:
+        policy = make_policy("farskip", **s.knobs)
+    except TypeError as e:  # a knob value of the wrong type (e.g. start_stage=two)
+        raise InvalidOption(f"--accel {s.label}: {e}") from None
+    S = len(stage_grids(pipe))
+    cfg: FARSkipConfig = policy.cfg
+    resolved: dict[str, Any] = {
+        **dataclasses.asdict(cfg),
+        "start_stage": cfg.resolve(S),
+        "disabled": cfg.disabled(S),
+    }
+    if s.seed_offset:
+        resolved["seed_offset"] = s.seed_offset
+    return policy, resolved
+
+
 # ----- the run -------------------------------------------------------------------------------------------
 @dataclass
 class _Acc:
@@ -169,6 +244,7 @@ class _Acc:
     ssim: list[torch.Tensor] = field(default_factory=list)
     identical: int = 0
     transformer_s: float = 0.0
+    head_s: float = 0.0
     cpu_s: float = 0.0
     decode_s: float = 0.0
     tokens: int = 0
@@ -187,10 +263,12 @@ def run_accel(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Dense (+ the other-seeds dense row) and every setting on the same labels/seeds; the report dict."""
-    if pipe.family != "var":
-        raise InvalidOption(
-            f"eval --accel needs a class-conditional VAR model, '{pipe.name}' is {pipe.family}"
-        )
+    check_methods(pipe, settings)
+    far = pipe.family == "far"
+    if far:
+        for flag, value in (("--top-k", es.top_k), ("--top-p", es.top_p)):
+            if value is not None:
+                raise InvalidOption(f"{flag} does not apply to FAR models ('{pipe.name}')")
     if es.samples < 2:
         raise InvalidOption(f"--samples must be >= 2, got {es.samples}")
     if es.batch < 1:
@@ -203,9 +281,9 @@ def run_accel(
     plan, resolved = _dedupe(plan, resolved)
     ref = reference_features(data, net, cache)
     labels = sample_labels(ref["train_labels"], es.samples, pipe.num_classes, es.seed)
-    dense_tokens = sum(h * w for h, w in pipe.tokenizer.stage_grids())
+    dense_tokens = sum(h * w for h, w in stage_grids(pipe))
     acc = [_Acc() for _ in plan]
-    gen_kw = dict(cfg=es.cfg, top_k=es.top_k, top_p=es.top_p)
+    gen_kw: dict[str, Any] = dict(cfg=es.cfg) if far else dict(cfg=es.cfg, top_k=es.top_k, top_p=es.top_p)
     pipe.generate(labels[: es.batch], seed=es.seed, **gen_kw)  # warm-up (untimed): allocator, kernels
     batches = list(range(0, len(labels), es.batch))
     t_start = time.perf_counter()
@@ -220,7 +298,9 @@ def run_accel(
             out = pipe.generate(lab, seed=es.seed + bi + s.seed_offset, policy=policy, **gen_kw)
             a = acc[j]
             a.cpu_s += time.process_time() - c0
-            a.transformer_s += out.transformer_seconds
+            head = float(sum(getattr(out, "head_seconds", []))) if far else 0.0  # inside the stages
+            a.head_s += head
+            a.transformer_s += out.transformer_seconds - head
             a.decode_s += out.decode_seconds
             a.tokens += sum(sum(c) for c in out.tokens_computed)
             imgs[j] = out.images.float().cpu().clamp(0, 1)
@@ -251,8 +331,9 @@ def run_accel(
             "groups": s.groups,
             "knobs": resolved[j][1],
             **scorer.score(feats, logits),
-            "seconds_per_image": (a.transformer_s + a.decode_s) / N,
+            "seconds_per_image": (a.transformer_s + a.head_s + a.decode_s) / N,
             "transformer_seconds_per_image": a.transformer_s / N,
+            **({"head_seconds_per_image": a.head_s / N} if far else {}),
             "decode_seconds_per_image": a.decode_s / N,
             "cpu_seconds_per_image": a.cpu_s / N,
             "token_fraction": a.tokens / (dense_tokens * N),
@@ -271,9 +352,24 @@ def run_accel(
         r["transformer_speedup_vs_dense"] = (
             d["transformer_seconds_per_image"] / r["transformer_seconds_per_image"]
         )
+        if far:
+            r["head_speedup_vs_dense"] = d["head_seconds_per_image"] / r["head_seconds_per_image"]
     mark_pareto(rows)
+    note = (
+        "FD on EfficientNet-Lite0 pooled features: a stand-in for Inception FID, not comparable "
+        "with published FIDs. seconds_per_image = engine transformer time + VAE decode, per image; "
+        "fd_increase = FD / dense FD - 1; PSNR/SSIM per image against the same-seed dense image "
+        "(identical images count as 100 dB); CPU speed-up = from the process CPU time of each "
+        "generate call (robust to other jobs' load on a shared machine)."
+    )
+    if far:
+        note += (
+            " FAR: the engine time is split into the encoder-decoder transformer and the diffusion "
+            "head (steps x computed tokens); transformer speed-up is the encoder-decoder's alone."
+        )
     return {
         "model": pipe.name,
+        "family": pipe.family,
         "data": str(data),
         "feature_net": net.name,
         "samples": N,
@@ -291,11 +387,7 @@ def run_accel(
         "torch": torch.__version__,
         "machine": platform.machine(),
         "wall_seconds": time.perf_counter() - t_start,
-        "note": "FD on EfficientNet-Lite0 pooled features: a stand-in for Inception FID, not comparable "
-        "with published FIDs. seconds_per_image = engine transformer time + VAE decode, per image; "
-        "fd_increase = FD / dense FD - 1; PSNR/SSIM per image against the same-seed dense image "
-        "(identical images count as 100 dB); CPU speed-up = from the process CPU time of each "
-        "generate call (robust to other jobs' load on a shared machine).",
+        "note": note,
         "results": rows,
         "previews": [a.preview for a in acc],
     }
@@ -360,23 +452,73 @@ def sparsevar_verdict(report: dict[str, Any], fd_tol: float = 0.05, speedup: flo
     }
 
 
+def farskip_verdict(report: dict[str, Any], fd_tol: float = 0.05, speedup: float = 1.5) -> dict | None:
+    """Issue 8's target for exclusion on FAR: some farskip setting >= 1.5x end to end within +5 % FD.
+
+    The fastest farskip row within the FD tolerance is the candidate (None when no row is within it)."""
+    rows = [r for r in report["results"] if r["method"] == "farskip"]
+    if not rows:
+        return None
+    ok = [r for r in rows if r["fd_increase"] <= fd_tol]
+    best = max(ok, key=lambda r: r["speedup_vs_dense"]) if ok else None
+    noise = next((x["fd_increase"] for x in report["results"] if x["knobs"].get("seed_offset")), None)
+    return {
+        "best_setting": best["setting"] if best else None,
+        "fd_increase": best["fd_increase"] if best else None,
+        "speedup_vs_dense": best["speedup_vs_dense"] if best else None,
+        "target_met": bool(best and best["speedup_vs_dense"] >= speedup),
+        "fd_noise_other_seeds": noise,
+        "targets": {"fd_increase_max": fd_tol, "speedup_min": speedup},
+    }
+
+
+def farskip_lines(v: dict | None) -> list[str]:
+    if v is None:
+        return ["No farskip setting was part of this run."]
+    t = v["targets"]
+    target = f"(target >= {t['speedup_min']}x within +{100 * t['fd_increase_max']:.0f}% FD: " + (
+        "met)." if v["target_met"] else "NOT met)."
+    )
+    noise = (
+        ""
+        if v["fd_noise_other_seeds"] is None
+        else f"; dense with other seeds moves FD by {100 * v['fd_noise_other_seeds']:+.1f}%"
+    )
+    if v["best_setting"] is None:
+        return [f"**farskip**: no setting within the FD tolerance{noise} {target}"]
+    return [
+        f"**farskip**: fastest setting within the FD tolerance: {v['best_setting']}, "
+        f"{v['speedup_vs_dense']:.2f}x end to end at {100 * v['fd_increase']:+.1f}% FD{noise} {target}"
+    ]
+
+
 # ----- writers -------------------------------------------------------------------------------------------
 def _f(x: float | None, nd: int = 2) -> str:
     return "-" if x is None else f"{x:.{nd}f}"
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
-    """Markdown rows: quality, speed and fidelity per setting (the paper's Table 1 columns and more)."""
+    """Markdown rows: quality, speed and fidelity per setting (the paper's Table 1 columns and more).
+
+    FAR rows (with a diffusion head) get the time split transformer / head / decode beside the total."""
+    far = any("head_seconds_per_image" in r for r in rows)
+    split = " transformer / head / decode |" if far else ""
     lines = [
-        "| setting | FD | FD norm. | FD increase | KID | s/img (e2e) | speed-up | transformer speed-up "
-        "| CPU speed-up | tokens | PSNR (dB) | SSIM | Pareto |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| setting | FD | FD norm. | FD increase | KID | s/img (e2e) |{split} speed-up "
+        "| transformer speed-up | CPU speed-up | tokens | PSNR (dB) | SSIM | Pareto |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if far else ""),
     ]
     for r in rows:
+        parts = ""
+        if far:
+            parts = (
+                f" {r['transformer_seconds_per_image']:.4f} / {r['head_seconds_per_image']:.4f} / "
+                f"{r['decode_seconds_per_image']:.4f} |"
+            )
         lines.append(
             f"| {r['setting']} | {r['fd']:.2f} | {_f(r['fd_normalized'], 3)} "
             f"| {100 * r['fd_increase']:+.1f}% "
-            f"| {r['kid']:.4f} | {r['seconds_per_image']:.4f} | {r['speedup_vs_dense']:.2f}x "
+            f"| {r['kid']:.4f} | {r['seconds_per_image']:.4f} |{parts} {r['speedup_vs_dense']:.2f}x "
             f"| {r['transformer_speedup_vs_dense']:.2f}x | {r['cpu_speedup_vs_dense']:.2f}x "
             f"| {100 * r['token_fraction']:.1f}% "
             f"| {r['psnr_db']:.2f} | {r['ssim']:.3f} | {'yes' if r['pareto'] else ''} |"
@@ -431,7 +573,10 @@ def verdict_lines(v: dict | None) -> list[str]:
 def markdown(report: dict[str, Any]) -> str:
     lines = header(report, "freqar eval --accel")
     lines += table(report["results"])
-    lines += ["", *verdict_lines(report.get("sparsevar_default"))]
+    if report.get("family") == "far":
+        lines += ["", *farskip_lines(report.get("farskip_target"))]
+    else:
+        lines += ["", *verdict_lines(report.get("sparsevar_default"))]
     return "\n".join(lines) + "\n"
 
 
@@ -442,6 +587,7 @@ METHOD_COLOURS = {
     "fastvar": "tab:blue",
     "fastvar+skip": "tab:cyan",
     "skip": "tab:green",
+    "farskip": "tab:olive",
 }
 
 
@@ -486,6 +632,8 @@ def scatter_png(report: dict[str, Any], path: Path, title: str, annotate: bool =
             label="dense, other seeds (noise)",
         )
     axes[0].axhline(5, color="tab:orange", lw=0.8, ls=":", label="+5% FD")
+    if report.get("family") == "far":
+        axes[0].axvline(1.5, color="tab:orange", lw=0.8, ls="-.", label="1.5x (FAR target)")
     for m, c in METHOD_COLOURS.items():
         if any(r["method"] == m for r in rows):
             axes[0].scatter([], [], color=c, label=m)
@@ -523,6 +671,8 @@ def write_accel_report(
     """DIR/accel.json, DIR/accel.md, DIR/accel.png (speed vs quality) and DIR/accel_samples.png."""
     out.mkdir(parents=True, exist_ok=True)
     report["sparsevar_default"] = sparsevar_verdict(report)
+    if report.get("family") == "far":
+        report["farskip_target"] = farskip_verdict(report)
     body = {k: v for k, v in report.items() if k != "previews"}
     body["preview_rows"] = [r["setting"] for r in report["results"]]
     write_json(out / f"{stem}.json", body)
