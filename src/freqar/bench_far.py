@@ -4,10 +4,14 @@ Random weights, the real architecture and latent grid: ``far-b`` is FAR-B (12+12
 6×1024 diffusion MLP) at 256 px with MAR's KL-16 decoder and upstream's 10 levels. Latency is split into the
 transformer (encoder–decoder), the diffusion head (steps × computed tokens, the dominant cost) and the VAE
 decode; the FLOP model counts the transformer over the kept tokens and the MLP over steps × kept tokens.
+``far-emoji`` runs the bundled trained model instead (loaded as ``freqar generate --model far-emoji`` does,
+at its own levels, guidance and diffusion steps), so exclusion is measured where predictions settle as a
+trained model's do, not on random weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +41,7 @@ class FARScenario:
     resolution: int = 256
     levels: tuple[int, ...] | None = None
     family: str = "far"
+    model: str | None = None  # a saved/bundled FAR model loaded with create_far_model (None: random)
 
     @property
     def patch_nums(self) -> tuple[int, ...]:
@@ -55,7 +60,40 @@ class FARScenario:
         return FARRunner(self, device, batch, seed)
 
 
+def model_scenario(name: str, description: str) -> FARScenario | None:
+    """A scenario on a bundled trained FAR model, its settings read from the model's config (None when its
+    weights are not installed, as ``far_presets`` leaves it out then)."""
+    from .io import read_json
+    from .registry import bundled_dir
+
+    d = bundled_dir(name)
+    if d is None:
+        return None
+    cfg = read_json(d / "config.json")
+    tok, dflt = cfg["tokenizer"], cfg.get("defaults", {})
+    seq_h = int(cfg["transformer"]["seq_h"])
+    levels = dflt.get("levels")
+    return FARScenario(
+        name,
+        description,
+        preset=name,
+        steps=str(dflt.get("steps", "100")),
+        cfg=float(dflt.get("cfg", 3.0)),
+        vae_ch=int(tok["ch"]),
+        vae_ch_mult=tuple(tok["ch_mult"]),
+        vae_res_blocks=int(tok["num_res_blocks"]),
+        resolution=int(tok["resolution"]),
+        levels=tuple(levels) if levels is not None else default_levels(seq_h),
+        model=name,
+    )
+
+
 def far_scenarios() -> list[FARScenario]:
+    emoji = model_scenario(
+        "far-emoji",
+        "the bundled trained FAR emoji model (enc 3 + dec 3 blocks of width 128, diffusion MLP 3 x 256, "
+        "128px, 8x8x16 latent, levels 0..7, its ddim25 spacing and CFG 3 linear)",
+    )
     return [
         FARScenario(
             "far-b",
@@ -78,6 +116,7 @@ def far_scenarios() -> list[FARScenario]:
             vae_res_blocks=1,
             resolution=64,
         ),
+        *([emoji] if emoji is not None else []),
     ]
 
 
@@ -124,13 +163,20 @@ class FARRunner:
     """Class-conditional FAR generation through ``FARPipeline.generate`` with random labels."""
 
     def __init__(self, sc: FARScenario, device: str, batch: int, seed: int) -> None:
-        from .models.far_pipeline import FARDefaults, build_far_pipeline
+        from .models.far_pipeline import FARDefaults, build_far_pipeline, create_far_model
 
         self.sc = sc
-        self.cfg = far_preset(sc.preset)
-        defaults = FARDefaults(cfg=sc.cfg, steps=sc.steps, levels=sc.patch_nums)
-        with torch.random.fork_rng(devices=[]):
-            self.pipe = build_far_pipeline(sc.name, sc.vae(), self.cfg, defaults, init_seed=0).to(device)
+        if sc.model is not None:  # trained weights; the scenario's steps/cfg/levels override the defaults
+            self.pipe = create_far_model(sc.model, device=device)
+            self.pipe.defaults = dataclasses.replace(
+                self.pipe.defaults, cfg=sc.cfg, steps=sc.steps, levels=sc.patch_nums
+            )
+            self.cfg = self.pipe.transformer.cfg
+        else:
+            self.cfg = far_preset(sc.preset)
+            defaults = FARDefaults(cfg=sc.cfg, steps=sc.steps, levels=sc.patch_nums)
+            with torch.random.fork_rng(devices=[]):
+                self.pipe = build_far_pipeline(sc.name, sc.vae(), self.cfg, defaults, init_seed=0).to(device)
         self.device = self.pipe.device
         self.labels = torch.randint(
             0, self.pipe.num_classes, (batch,), generator=torch.Generator().manual_seed(seed)
@@ -139,7 +185,7 @@ class FARRunner:
         self.depth = self.full_depth = self.cfg.encoder_depth + self.cfg.decoder_depth
         self.sparse_start = FARSkipConfig().resolve(S)
         self.steps = len(space_timesteps(self.cfg.diffusion_steps, sc.steps))
-        g = far_guidance(sc.cfg, S)
+        g = far_guidance(sc.cfg, S, self.pipe.defaults.guidance_schedule)
         self.head_rows = [2 if g.scale(k, S) != 0 else 1 for k in range(S)]
 
     def generate(self, s: Any, seed: int, policy: Any) -> tuple[GenerationOutput, Any, float]:
