@@ -98,6 +98,7 @@ def test_wrong_family_methods_are_one_line_errors(data: Path, tmp_path: Path, ca
          "a VAR model"),
         (["--model", "far-tiny", "--accel", "farskip:alpha=2"], "policy 'farskip' has no option alpha"),
         (["--model", "far-tiny", "--accel", "farskip:start_stage=1"], "farskip start stage must be"),
+        (["--model", "far-tiny", "--accel", "farskip:start_stage=two"], "--accel farskip start_stage=two:"),
         (["--model", "far-tiny", "--accel", "farskip", "--top-k", "5"], "--top-k does not apply to FAR"),
         (["--model", "far-tiny", "--accel", "farskip", "--calibration", "x.json"], "applies to VAR models"),
     ]  # fmt: skip

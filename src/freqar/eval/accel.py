@@ -47,7 +47,6 @@ from .run import EvalSettings, ReferenceScorer, reference_features, sample_label
 NOISE_SEED_OFFSET = 1000  # the "dense (other seeds)" row: same labels, seeds shifted by this
 SPARSEVAR_KNOBS = tuple(f.name for f in dataclasses.fields(SparseVARConfig))
 FASTVAR_KNOBS = tuple(f.name for f in dataclasses.fields(FastVARConfig))
-FARSKIP_KNOBS = tuple(f.name for f in dataclasses.fields(FARSkipConfig))
 VAR_METHODS = "sparsevar, fastvar, skip, sparsevar+skip, fastvar+skip"
 FAR_METHODS = ("farskip",)
 
@@ -58,15 +57,18 @@ def method_family(method: str) -> str | None:
     Unknown names fail here with every choice, so a typo is caught before a model is loaded."""
     if method in FAR_METHODS:
         return "far"
-    try:
-        if any(p in FAR_METHODS for p in method.split("+")):
-            raise InvalidOption(method)  # farskip composes with nothing (FAR has no scale skipping)
-        base, skip = split_method(method)
-    except InvalidOption:
+    base, skip = "", False
+    known = not any(p in FAR_METHODS for p in method.split("+"))  # farskip composes with nothing
+    if known:
+        try:
+            base, skip = split_method(method)
+        except InvalidOption:
+            known = False
+    if not known:
         raise InvalidOption(
             f"unknown accelerated method '{method}' (choose from dense, {VAR_METHODS} for VAR models; "
             f"{', '.join(FAR_METHODS)} for FAR models)"
-        ) from None
+        )
     return None if base == "dense" and not skip else "var"
 
 
@@ -221,7 +223,7 @@ def _resolve_farskip(pipe: Any, s: AccelSetting) -> tuple[Any, dict[str, Any]]:
     """farskip: the policy, and its knobs with the start level P resolved for this schedule."""
     try:
         policy = make_policy("farskip", **s.knobs)
-    except TypeError as e:  # a knob value of the wrong type (e.g. start_stage=two)
+    except (TypeError, ValueError) as e:  # a knob value of the wrong type (e.g. start_stage=two)
         raise InvalidOption(f"--accel {s.label}: {e}") from None
     S = len(stage_grids(pipe))
     cfg: FARSkipConfig = policy.cfg
