@@ -12,23 +12,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from freqar.pipeline import SamplingDefaults, load_pipeline_dir
+from freqar.train.decoder_swap import swap_decoder
 from freqar.train.samples import class_grid
 from freqar.train.tokenizer import load_tokenizer
-
-DECODER_SIDE = ("decoder.", "post_quant_conv.")
-
-
-def swap_decoder(tokenizer: torch.nn.Module, ft_dir: str) -> None:
-    """Load the decoder side of ``ft_dir`` after checking that everything else is identical."""
-    ft = load_tokenizer(ft_dir).state_dict()
-    own = tokenizer.state_dict()
-    differ = [k for k in own if not k.startswith(DECODER_SIDE) and not torch.equal(own[k], ft[k])]
-    if differ:
-        raise SystemExit(f"{ft_dir}: encoder/codebook differ from the VAR run's tokenizer ({differ[0]}, ...)")
-    tokenizer.load_state_dict(ft)
 
 
 def main() -> None:
@@ -46,7 +33,7 @@ def main() -> None:
     pipe = load_pipeline_dir(Path(args.run_dir) / "model")
     pipe.name = "emoji"
     if args.tokenizer:
-        swap_decoder(pipe.tokenizer, args.tokenizer)
+        swap_decoder(pipe.tokenizer, load_tokenizer(args.tokenizer), args.tokenizer)
     pipe.defaults = SamplingDefaults(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
     dest = pipe.save(args.dest)
     size = sum(p.stat().st_size for p in dest.iterdir()) / 2**20

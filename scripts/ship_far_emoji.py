@@ -2,6 +2,7 @@
 
 Usage: python scripts/ship_far_emoji.py RUN_DIR [--cfg 3.0 --steps 25 --temperature 1.0] [--grid docs/x.png]
 RUN_DIR is a `freqar train far` folder (its ``model/`` export: EMA transformer + the KL autoencoder).
+``--kl`` swaps in the decoder of a decoder-only KL fine-tune (``init.decoder_only``): same latents and scale.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import dataclasses
 from pathlib import Path
 
 from freqar.models.far_pipeline import load_far_dir
+from freqar.train.decoder_swap import swap_decoder
+from freqar.train.kl import load_kl
 from freqar.train.samples import class_grid
 
 
@@ -24,8 +27,11 @@ def main() -> None:
     ap.add_argument("--grid", default="docs/far_emoji_samples.png")
     ap.add_argument("--per-class", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kl", help="a decoder-only KL fine-tune run whose decoder replaces the run's")
     args = ap.parse_args()
     pipe = load_far_dir(Path(args.run_dir) / "model")
+    if args.kl:
+        swap_decoder(pipe.vae, load_kl(args.kl), args.kl)
     pipe.name = "far-emoji"
     changes = {"cfg": args.cfg, "steps": args.steps, "temperature": args.temperature}
     pipe.defaults = dataclasses.replace(pipe.defaults, **{k: v for k, v in changes.items() if v is not None})

@@ -231,6 +231,17 @@ def test_decoder_only_finetune_keeps_codes(tmp_path: Path, data_dir: Path, train
     sb, sa = before.state_dict(), after.state_dict()
     assert all(torch.equal(sb[k], sa[k]) for k in sb if not k.startswith(("decoder.", "post_quant_conv.")))
     assert any(not torch.equal(sb[k], sa[k]) for k in sb if k.startswith("decoder."))
+    # the ship scripts' swap: the tuned decoder loads into the original; another tokenizer is refused
+    from freqar.errors import CheckpointMismatch
+    from freqar.train.decoder_swap import swap_decoder
+
+    swap_decoder(before, after, str(out))
+    assert all(torch.equal(v, sa[k]) for k, v in before.state_dict().items())
+    other = load_tokenizer(out)
+    with torch.no_grad():
+        other.encoder.conv_in.weight.add_(1.0)
+    with pytest.raises(CheckpointMismatch, match="encoder side differs"):
+        swap_decoder(load_tokenizer(trained_tok), other, "other")
 
 
 def test_decoder_only_needs_init_path(tmp_path: Path, data_dir: Path) -> None:

@@ -255,6 +255,27 @@ def test_kl_init_starts_from_a_trained_export(tmp_path: Path, data_dir: Path, tr
         KLTask(other, load_dataset(cfg.data), DistContext())
 
 
+def test_kl_decoder_only_keeps_latents_and_scale(tmp_path: Path, data_dir: Path, trained_kl: Path) -> None:
+    """init.decoder_only: encoder frozen (same latents, same exported scale), the decoder moves."""
+    import dataclasses
+
+    from freqar.errors import CheckpointMismatch
+    from freqar.train.data import load_manifest_dataset, to_unit
+    from freqar.train.kl import KLInit
+
+    cfg = dataclasses.replace(kl_cfg(data_dir, steps=4), init=KLInit(path=str(trained_kl), decoder_only=True))
+    train_kl(cfg, tmp_path / "ft", progress=False)
+    before, after = load_kl(trained_kl), load_kl(tmp_path / "ft")
+    assert after.cfg.scale_factor == before.cfg.scale_factor
+    x = to_unit(load_manifest_dataset(data_dir, "train").images[:4])
+    assert torch.equal(before.encode(x), after.encode(x))
+    sb, sa = before.state_dict(), after.state_dict()
+    assert all(torch.equal(sb[k], sa[k]) for k in sb if not k.startswith(("decoder.", "post_quant_conv.")))
+    assert any(not torch.equal(sb[k], sa[k]) for k in sb if k.startswith("decoder."))
+    with pytest.raises(CheckpointMismatch, match="init.path"):
+        train_kl(dataclasses.replace(cfg, init=KLInit(decoder_only=True)), tmp_path / "x", progress=False)
+
+
 def _far_ddp_worker(rank: int, world: int, port: int, data: str, kl: str, out: str, res: str) -> None:
     """One rank of a 2-process gloo FAR run; saves its live (not checkpointed) model for comparison."""
     import os

@@ -63,9 +63,14 @@ class KLLoss:
 
 @dataclass
 class KLInit:
-    """Start from a trained KL export (a second phase with a fresh schedule); ``model.*`` must match it."""
+    """Start from a trained KL export (a second phase with a fresh schedule); ``model.*`` must match it.
+
+    ``decoder_only`` freezes the encoder (and so the latent space and its scale): the decoder alone learns,
+    so a FAR model trained on this autoencoder's latents stays valid with the tuned decoder.
+    """
 
     path: str = ""
+    decoder_only: bool = False
 
 
 @dataclass
@@ -96,15 +101,21 @@ def kl_config(cfg: KLTrainConfig, scale_factor: float = 1.0) -> KLConfig:
 class KLTrainModule(nn.Module):
     """Wraps the autoencoder with the training forward (DDP wraps this module)."""
 
-    def __init__(self, vae: AutoencoderKL) -> None:
+    def __init__(self, vae: AutoencoderKL, decoder_only: bool = False) -> None:
         super().__init__()
         self.vae = vae
+        self.decoder_only = decoder_only
+        if decoder_only:  # the latent space is fixed: only the decoder side learns
+            vae.requires_grad_(False)
+            vae.post_quant_conv.requires_grad_(True)
+            vae.decoder.requires_grad_(True)
 
     def forward(
         self, x: torch.Tensor, noise: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Image in [-1,1], standard-normal noise shaped like the latent -> (reconstruction, mean, logvar)."""
-        mean, logvar = self.vae.posterior(self.vae.moments(x))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.decoder_only):
+            mean, logvar = self.vae.posterior(self.vae.moments(x))
         z = mean + torch.exp(0.5 * logvar) * noise
         return self.vae.decoder(self.vae.post_quant_conv(z)), mean, logvar
 
@@ -133,6 +144,11 @@ class KLTask:
             vae = AutoencoderKL(self.vae_cfg)
         with torch.no_grad():  # near-deterministic start: unit noise would drown the untrained means
             vae.quant_conv.bias[self.vae_cfg.embed_dim :].fill_(cfg.model.logvar_init)
+        if cfg.init.decoder_only and not cfg.init.path:
+            raise CheckpointMismatch(
+                "init.decoder_only needs init.path (the autoencoder whose latents to keep)"
+            )
+        self.fixed_scale: float | None = None
         if cfg.init.path:
             start = load_kl(cfg.init.path)
             mine = {k: v for k, v in self.vae_cfg.to_dict().items() if k != "scale_factor"}
@@ -142,7 +158,9 @@ class KLTask:
                     "copy its model section into the config"
                 )
             vae.load_state_dict(start.state_dict())
-        self.module = KLTrainModule(vae)
+            if cfg.init.decoder_only:  # same encoder, same latent scale: keep it exactly
+                self.fixed_scale = start.cfg.scale_factor
+        self.module = KLTrainModule(vae, decoder_only=cfg.init.decoder_only)
         self.perceptual = None
         if cfg.loss.perceptual_weight > 0:
             from .perceptual import load_lite0_perceptual
@@ -214,7 +232,7 @@ class KLTask:
         vae.train(was_training)
         std = torch.cat(means).float().std().item()
         mse = torch.cat(errs).mean().item()
-        scale = 1.0 / max(std, 1e-6)
+        scale = 1.0 / max(std, 1e-6) if self.fixed_scale is None else self.fixed_scale
         out = run_dir / "kl"
         out.mkdir(parents=True, exist_ok=True)
         cfg = kl_config(self.cfg, scale_factor=round(scale, 6))
