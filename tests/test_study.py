@@ -104,3 +104,16 @@ def test_study_runs_end_to_end(pipe: Pipeline, tmp_path: Path, monkeypatch) -> N
     assert {"adaptive_vs_uniform", "best_within_5pct", "skip_effect"} <= set(rep["summary"])
     for name in ("study.md", "study.png", "study_samples.png"):
         assert (out / name).is_file()
+
+
+def test_bundled_emoji_ships_its_calibration(tmp_path: Path, monkeypatch) -> None:
+    """The wheel's emoji model carries a calibration for exactly its weights (a fresh user, empty config
+    dir, gets the calibrated probe block); reshipping weights without recalibrating fails here."""
+    from freqar.registry import bundled_dir, create_model
+
+    d = bundled_dir("emoji")
+    if d is None:
+        pytest.skip("bundled emoji weights not installed")
+    monkeypatch.setenv("FREQAR_CONFIG_DIR", str(tmp_path / "empty"))
+    stored = json.loads((d / CALIBRATION_NAME).read_text())
+    assert calibrated_block(create_model("emoji"), "emoji") == stored["block"]

@@ -12,7 +12,8 @@ thresholds ΔF relative to its maximum); the AUC for the top quarter of changing
 The choice is stored with the model's weight fingerprint, so a retrained model at the same path never
 picks up a stale choice: beside ``config.json`` for a model folder, else (bundled or preset models, whose
 folder belongs to the package) under the user config dir ``$FREQAR_CONFIG_DIR`` (default
-``$XDG_CONFIG_HOME/freqar`` or ``~/.config/freqar``) as ``calibration/<name>-<fingerprint>.json``.
+``$XDG_CONFIG_HOME/freqar`` or ``~/.config/freqar``) as ``calibration/<name>-<fingerprint>.json``. A
+bundled model ships its calibration in its package folder, checked against the fingerprint like any other.
 """
 
 from __future__ import annotations
@@ -227,6 +228,14 @@ def default_calibration_path(pipe: Pipeline, model: str, fingerprint: str | None
     return user_config_dir() / "calibration" / f"{pipe.name}-{fp}.json"
 
 
+def model_folder(model: str) -> Path:
+    """The folder a model's files live in: a bundled model's package-data folder (whose calibration ships
+    with the wheel, so a fresh install gets the calibrated block), else ``model`` itself."""
+    from .registry import bundled_dir
+
+    return bundled_dir(model) or Path(model)
+
+
 def save_calibration(result: dict[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, result)
@@ -237,8 +246,9 @@ def find_calibration(
     pipe: Pipeline, model: str, explicit: str | os.PathLike[str] | None = None
 ) -> dict | None:
     """The stored calibration that matches these weights (``explicit``: that file, which must match)."""
+    folder = model_folder(model)
     if explicit is None:  # look before hashing: a multi-GB model should not be hashed for nothing
-        beside = Path(model) / CALIBRATION_NAME
+        beside = folder / CALIBRATION_NAME
         user = sorted((user_config_dir() / "calibration").glob(f"{pipe.name}-*.json"))
         if not beside.is_file() and not user:
             return None
@@ -254,7 +264,7 @@ def find_calibration(
             )
         return res
     candidates = [
-        Path(model) / CALIBRATION_NAME,
+        folder / CALIBRATION_NAME,
         user_config_dir() / "calibration" / f"{pipe.name}-{fp}.json",
     ]
     for p in candidates:
