@@ -88,6 +88,25 @@ def test_var_loss_decreases_and_exports_a_pipeline(tmp_path: Path, data_dir: Pat
     assert out.images.shape == (2, 3, 16, 16)
 
 
+def test_var_init_starts_a_second_phase(tmp_path: Path, data_dir: Path, trained_tok: Path) -> None:
+    """var.init: the transformer starts from an export (fresh schedule); another architecture is refused."""
+    from freqar.errors import CheckpointMismatch
+    from freqar.pipeline import load_pipeline_dir
+    from freqar.train.data import load_dataset
+    from freqar.train.dist import DistContext
+    from freqar.train.var import VARTask
+
+    first = train_var(var_config(data_dir, trained_tok, steps=3), tmp_path / "p1", progress=False)
+    cfg = var_config(data_dir, trained_tok, steps=2)
+    cfg = dataclasses.replace(cfg, var=dataclasses.replace(cfg.var, init=str(tmp_path / "p1")))
+    task = VARTask(cfg, load_dataset(cfg.data), DistContext(), tmp_path / "p2")
+    want = load_pipeline_dir(first.export).transformer.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in task.module.state_dict().items())
+    deeper = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, depth=cfg.model.depth + 1))
+    with pytest.raises(CheckpointMismatch, match="different transformer"):
+        VARTask(deeper, load_dataset(cfg.data), DistContext(), tmp_path / "p3")
+
+
 def test_resume_matches_uninterrupted(tmp_path: Path, data_dir: Path) -> None:
     """Kill after the step-2 checkpoint, resume: every later loss equals the uninterrupted run's."""
     full = train_tokenizer(tok_config(data_dir, steps=4, ckpt_every=2), tmp_path / "full", progress=False)

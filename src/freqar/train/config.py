@@ -121,6 +121,9 @@ class VARTrainSettings:
     cfg: float = 3.0  # sampling defaults written into the exported model
     top_k: int = 0
     top_p: float = 0.0
+    # a model folder (a run's model/ export) to start the transformer from: a second phase with a fresh
+    # schedule; model.* and the tokenizer's codes must be the folder's
+    init: str = ""
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import CheckpointMismatch
 from ..models.var import VARConfig, VARTransformer
 from ..pipeline import Pipeline, SamplingDefaults
 from ..tokenizers.msvq import VQVAE
@@ -101,9 +102,35 @@ class VARTask:
             torch.manual_seed(cfg.run.seed)
             model = VARTransformer(self.var_cfg)
             init_var_weights(model)
+        if cfg.var.init:
+            self._start_from(model, cfg.var.init)
         self.module = model
         self.codes = self._codes(run_dir)
         self.splits = [p * p for p in self.tok.cfg.patch_nums]
+
+    def _start_from(self, model: VARTransformer, folder: str) -> None:
+        """Load ``var.init``'s transformer after checking it has this run's architecture and codes."""
+        from ..pipeline import load_pipeline_dir
+        from .decoder_swap import DECODER_SIDE
+
+        p = Path(folder)
+        start = load_pipeline_dir(p / "model" if (p / "model" / "config.json").is_file() else p)
+        mine, theirs = self.tok.state_dict(), start.tokenizer.state_dict()
+        if mine.keys() != theirs.keys() or any(
+            not k.startswith(DECODER_SIDE) and not torch.equal(v, theirs[k]) for k, v in mine.items()
+        ):
+            raise CheckpointMismatch(
+                f"var.init '{folder}' was trained on other codes than var.tokenizer "
+                f"'{self.cfg.var.tokenizer}'"
+            )
+        want = model.state_dict()
+        got = start.transformer.state_dict()
+        if want.keys() != got.keys() or any(want[k].shape != got[k].shape for k in want):
+            raise CheckpointMismatch(
+                f"var.init '{folder}' is a different transformer than model.* describes; "
+                "copy its depth/width/heads into the config"
+            )
+        model.load_state_dict(got)
 
     def _codes(self, run_dir: Path) -> torch.Tensor:
         """Tokenize the data set once; cached in the run folder keyed by the data and tokenizer."""
