@@ -35,14 +35,24 @@ def _args(model: str, accel: str, **kw: object) -> argparse.Namespace:
     return argparse.Namespace(model=model, accel=accel, save_masks=None, **opts)
 
 
-def test_auto_is_the_studied_setting_or_sparsevar() -> None:
+def test_auto_is_the_studied_setting_or_sparsevar(monkeypatch: pytest.MonkeyPatch) -> None:
     assert recommended_accel("var-tiny") == ("sparsevar", {})
     assert isinstance(build_policy(_args("var-tiny", "auto")), SparseVARPolicy)
-    pol = build_policy(_args("emoji", "auto"))
-    method, knobs = STUDIED_ACCEL["emoji"]
-    assert isinstance(pol, SkipPolicy) and pol.name == method and pol.cfg.skip == knobs["skip"]
-    assert build_policy(_args("emoji", "auto", skip=1)).cfg.skip == 1  # the user's knob wins
     assert build_policy(_args("far-tiny", "auto")).name == "farskip"
+    monkeypatch.setitem(STUDIED_ACCEL, "var-tiny", ("fastvar+skip", {"skip": 2}))
+    pol = build_policy(_args("var-tiny", "auto"))
+    assert isinstance(pol, SkipPolicy) and pol.name == "fastvar+skip" and pol.cfg.skip == 2
+    assert build_policy(_args("var-tiny", "auto", skip=1)).cfg.skip == 1  # the user's knob wins
+
+
+def test_auto_names_the_studied_method_in_knob_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(STUDIED_ACCEL, "var-tiny", ("fastvar+skip", {"skip": 2}))
+    argv = ["generate", "--model", "var-tiny", "--labels", "0", "--quiet", "--out", str(tmp_path / "x.png")]
+    assert main([*argv, "--accel", "--tau", "0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "auto (= fastvar+skip" in err[0]
 
 
 def test_skip_and_anchor_knobs_reach_the_policy() -> None:
@@ -84,7 +94,6 @@ def test_skip_zero_without_exclusion_is_dense(tmp_path: Path) -> None:
     [
         (["--accel", "sparsevar", "--skip", "1"], "--skip applies to --accel skip"),
         (["--accel", "fastvar", "--anchors", "adaptive"], "--anchors applies to --accel sparsevar"),
-        (["--accel", "--tau", "0.5", "--model", "emoji"], "auto (= fastvar+skip"),
         (["--accel", "skip", "--model", "far-tiny"], "scale skipping applies to VAR-family"),
         (["--accel", "skip", "--skip", "99"], "leaves no stage to run"),
     ],
