@@ -45,6 +45,15 @@ def test_auto_is_the_studied_setting_or_sparsevar(monkeypatch: pytest.MonkeyPatc
     assert build_policy(_args("var-tiny", "auto", skip=1)).cfg.skip == 1  # the user's knob wins
 
 
+def test_auto_on_emoji_is_the_studied_sparsevar_and_a_threshold_replaces_its_budget() -> None:
+    method, knobs = STUDIED_ACCEL["emoji"]
+    pol = build_policy(_args("emoji", "auto"))
+    assert pol.name == method and pol.cfg.keep == knobs["keep"] and pol.cfg.beta == knobs["beta"]
+    pol = build_policy(_args("emoji", "auto", tau=0.3))
+    assert pol.cfg.keep is None and pol.cfg.tau == 0.3 and pol.cfg.beta == knobs["beta"]
+    assert build_policy(_args("emoji", "auto", tau=0.3, keep=0.5)).cfg.keep == 0.5
+
+
 def test_auto_names_the_studied_method_in_knob_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -108,6 +108,14 @@ def build_policy(args: argparse.Namespace):
             flag = "--" + opt.replace("_", "-")
             raise InvalidOption(f"{flag} applies to --accel {' or '.join(owners)}, not --accel {shown}")
         knobs[field] = tuple(float_list(value, "--drop")) if opt == "drop" else value
+    if (
+        args.accel == "auto"
+        and getattr(args, "tau", None) is not None
+        and getattr(args, "keep", None) is None
+    ):
+        knobs.pop(
+            "keep", None
+        )  # the user's threshold replaces the studied keep budget (they exclude each other)
     if args.save_masks and method != "sparsevar":
         raise InvalidOption(f"--save-masks needs --accel sparsevar, not --accel {shown}")
     if method == "none":
