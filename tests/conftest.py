@@ -16,6 +16,17 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # One throw-away multi-threaded exp call (first-call rounding flake on some CPU builds).
 torch.exp(torch.linspace(-1, 1, 100_000))
 
+
+@pytest.fixture(scope="module")
+def one_thread():  # type: ignore[no-untyped-def]
+    """One torch thread for a module of tiny models: on a shared machine more threads only wait.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # A copy of shared/conformance/var_tiny lives in the repo so CI needs nothing outside the clone.
 VAR_TINY_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "var_tiny"
 

@@ -7,7 +7,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from conftest import tiny_pipeline
 from freqar.cli import main
@@ -19,13 +18,7 @@ from train_helpers import write_manifest_dataset
 LEVELS, SIDE = 10, 16  # far-tiny: 10 levels over a 16x16 latent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: the models are tiny, and on a shared machine more threads only wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

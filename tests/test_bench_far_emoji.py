@@ -11,13 +11,7 @@ from freqar.bench import get_scenario, run_bench, scenarios
 from freqar.errors import InvalidOption
 from freqar.models.far_pipeline import create_far_model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_far_emoji_scenario_is_registered_with_the_models_settings() -> None:

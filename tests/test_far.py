@@ -25,13 +25,7 @@ from freqar.tokenizers.kl import KLConfig
 FAR_TINY = Path(__file__).resolve().parent / "fixtures" / "far_tiny"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread avoids the sync cost on a busy 2-core runner (10x here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ from freqar.train.kl import KLLoss, KLModelConfig, KLTrainConfig, load_kl, train
 from test_train import _run_until
 from train_helpers import write_manifest_dataset
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
