@@ -15,15 +15,21 @@ from ..errors import CheckpointMismatch
 DECODER_SIDE = ("decoder.", "post_quant_conv.")
 
 
+def encoder_side_mismatch(a: nn.Module, b: nn.Module) -> str | None:
+    """Why ``a`` and ``b`` do not share a latent space (another layout, or the first differing weight
+    outside the decoder side), or None when they do: the same codes / latents for the same image."""
+    mine, theirs = a.state_dict(), b.state_dict()
+    if mine.keys() != theirs.keys():
+        return "a different architecture"
+    differ = [k for k in mine if not k.startswith(DECODER_SIDE) and not torch.equal(mine[k], theirs[k])]
+    return f"encoder side differs ({differ[0]}, ...)" if differ else None
+
+
 def swap_decoder(own: nn.Module, tuned: nn.Module, source: str) -> None:
     """Load ``tuned``'s weights into ``own`` after checking everything outside the decoder side is equal."""
-    mine, theirs = own.state_dict(), tuned.state_dict()
-    if mine.keys() != theirs.keys():
-        raise CheckpointMismatch(f"{source}: a different architecture than the model's autoencoder")
-    differ = [k for k in mine if not k.startswith(DECODER_SIDE) and not torch.equal(mine[k], theirs[k])]
-    if differ:
+    why = encoder_side_mismatch(own, tuned)
+    if why is not None:
         raise CheckpointMismatch(
-            f"{source}: encoder side differs from the model's autoencoder ({differ[0]}, ...): "
-            "not a decoder-only fine-tune of it"
+            f"{source}: {why} from the model's autoencoder: not a decoder-only fine-tune of it"
         )
-    own.load_state_dict(theirs)
+    own.load_state_dict(tuned.state_dict())

@@ -111,14 +111,11 @@ class VARTask:
     def _start_from(self, model: VARTransformer, folder: str) -> None:
         """Load ``var.init``'s transformer after checking it has this run's architecture and codes."""
         from ..pipeline import load_pipeline_dir
-        from .decoder_swap import DECODER_SIDE
+        from .decoder_swap import encoder_side_mismatch
 
         p = Path(folder)
         start = load_pipeline_dir(p / "model" if (p / "model" / "config.json").is_file() else p)
-        mine, theirs = self.tok.state_dict(), start.tokenizer.state_dict()
-        if mine.keys() != theirs.keys() or any(
-            not k.startswith(DECODER_SIDE) and not torch.equal(v, theirs[k]) for k, v in mine.items()
-        ):
+        if encoder_side_mismatch(self.tok, start.tokenizer) is not None:
             raise CheckpointMismatch(
                 f"var.init '{folder}' was trained on other codes than var.tokenizer "
                 f"'{self.cfg.var.tokenizer}'"
