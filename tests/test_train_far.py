@@ -321,3 +321,33 @@ def _initial_far(data: Path, kl: Path, tmp: Path) -> dict[str, torch.Tensor]:
 
     cfg = far_cfg(data, kl)
     return FARTask(cfg, load_dataset(cfg.data), DistContext(), tmp / "init").module.state_dict()
+
+
+def test_far_init_starts_a_second_phase(tmp_path: Path, data_dir: Path, trained_kl: Path) -> None:
+    """far.init: the transformer starts from an export; another architecture or latent space is refused."""
+    import dataclasses
+
+    from freqar.errors import CheckpointMismatch
+    from freqar.models.far_pipeline import load_far_dir
+    from freqar.train.data import load_dataset
+    from freqar.train.dist import DistContext
+    from freqar.train.far import FARTask
+
+    first = train_far(far_cfg(data_dir, trained_kl, steps=3), tmp_path / "p1", progress=False)
+    cfg = far_cfg(data_dir, trained_kl, steps=2)
+    cfg = dataclasses.replace(cfg, far=dataclasses.replace(cfg.far, init=str(tmp_path / "p1")))
+    task = FARTask(cfg, load_dataset(cfg.data), DistContext(), tmp_path / "p2")
+    want = load_far_dir(first.export).transformer.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in task.module.state_dict().items())
+    wider = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, diffloss_w=48))
+    with pytest.raises(CheckpointMismatch, match="different transformer"):
+        FARTask(wider, load_dataset(cfg.data), DistContext(), tmp_path / "p3")
+    other_kl = tmp_path / "kl-other"
+    train_kl(
+        dataclasses.replace(kl_cfg(data_dir, steps=2), run=RunConfig(steps=2, batch_size=4, seed=5)),
+        other_kl,
+        progress=False,
+    )
+    elsewhere = dataclasses.replace(cfg, far=dataclasses.replace(cfg.far, kl=str(other_kl)))
+    with pytest.raises(CheckpointMismatch, match="another latent space"):
+        FARTask(elsewhere, load_dataset(cfg.data), DistContext(), tmp_path / "p4")

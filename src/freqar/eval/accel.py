@@ -42,7 +42,7 @@ from ..policies.skip import SkipPolicy, build_accel, split_method
 from ..policies.sparsevar import SparseVARConfig
 from .fid import FeatureNet, extract
 from .fidelity import psnr_per_image, ssim_per_image
-from .run import EvalSettings, ReferenceScorer, reference_features, sample_labels
+from .run import EvalSettings, ReferenceScorer, generate_kwargs, reference_features, sample_labels
 
 NOISE_SEED_OFFSET = 1000  # the "dense (other seeds)" row: same labels, seeds shifted by this
 SPARSEVAR_KNOBS = tuple(f.name for f in dataclasses.fields(SparseVARConfig))
@@ -267,10 +267,7 @@ def run_accel(
     """Dense (+ the other-seeds dense row) and every setting on the same labels/seeds; the report dict."""
     check_methods(pipe, settings)
     far = pipe.family == "far"
-    if far:
-        for flag, value in (("--top-k", es.top_k), ("--top-p", es.top_p)):
-            if value is not None:
-                raise InvalidOption(f"{flag} does not apply to FAR models ('{pipe.name}')")
+    gen_kw = generate_kwargs(pipe, es)
     if es.samples < 2:
         raise InvalidOption(f"--samples must be >= 2, got {es.samples}")
     if es.batch < 1:
@@ -285,7 +282,6 @@ def run_accel(
     labels = sample_labels(ref["train_labels"], es.samples, pipe.num_classes, es.seed)
     dense_tokens = sum(h * w for h, w in stage_grids(pipe))
     acc = [_Acc() for _ in plan]
-    gen_kw: dict[str, Any] = dict(cfg=es.cfg) if far else dict(cfg=es.cfg, top_k=es.top_k, top_p=es.top_p)
     pipe.generate(labels[: es.batch], seed=es.seed, **gen_kw)  # warm-up (untimed): allocator, kernels
     batches = list(range(0, len(labels), es.batch))
     t_start = time.perf_counter()
@@ -381,6 +377,7 @@ def run_accel(
             "cfg": es.cfg,
             "top_k": es.top_k,
             "top_p": es.top_p,
+            "steps": es.steps,
             "defaults": dataclasses.asdict(pipe.defaults),
         },
         "calibrated_block": calibrated,

@@ -11,10 +11,12 @@ import hashlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..errors import InvalidOption
 from ..io import atomic_path, write_json
 from ..pipeline import Pipeline
 from ..train.data import load_manifest_dataset
@@ -40,6 +42,7 @@ class EvalSettings:
     cfg: float | None = None
     top_k: int | None = None
     top_p: float | None = None
+    steps: str | None = None  # FAR / HART diffusion steps, e.g. "25" or "ddim25" (default: the model's)
     kid_subsets: int = 100
     kid_subset_size: int = 200
     pr_k: int = 3
@@ -73,11 +76,28 @@ def sample_labels(train_labels: np.ndarray, n: int, num_classes: int, seed: int)
     return rng.choice(num_classes, size=n, p=counts / counts.sum()).tolist()
 
 
+def generate_kwargs(pipe: Pipeline, s: EvalSettings) -> dict[str, Any]:
+    """The sampler options of ``s`` that apply to ``pipe``'s family; one that does not is an error, not
+    silently ignored."""
+    far = getattr(pipe, "family", "var") == "far"
+    if far:
+        for flag, value in (("--top-k", s.top_k), ("--top-p", s.top_p)):
+            if value is not None:
+                raise InvalidOption(
+                    f"{flag} does not apply to FAR models ('{pipe.name}'): they sample with a diffusion head"
+                )
+        return {"cfg": s.cfg, "steps": s.steps}
+    if s.steps is not None:
+        raise InvalidOption(f"--steps applies to FAR models (diffusion steps), not '{pipe.name}'")
+    return {"cfg": s.cfg, "top_k": s.top_k, "top_p": s.top_p}
+
+
 def generate_samples(pipe: Pipeline, labels: list[int], s: EvalSettings) -> tuple[torch.Tensor, float]:
     """Images (N,3,H,W) in [0,1] for ``labels`` in batches (seed + batch index), and seconds per image."""
+    kw = generate_kwargs(pipe, s)
     out, t0 = [], time.perf_counter()
     for bi, i in enumerate(range(0, len(labels), s.batch)):
-        g = pipe.generate(labels[i : i + s.batch], seed=s.seed + bi, cfg=s.cfg, top_k=s.top_k, top_p=s.top_p)
+        g = pipe.generate(labels[i : i + s.batch], seed=s.seed + bi, **kw)
         out.append(g.images.float().cpu().clamp(0, 1))
     return torch.cat(out), (time.perf_counter() - t0) / max(len(labels), 1)
 

@@ -33,3 +33,29 @@ def swap_decoder(own: nn.Module, tuned: nn.Module, source: str) -> None:
             f"{source}: {why} from the model's autoencoder: not a decoder-only fine-tune of it"
         )
     own.load_state_dict(tuned.state_dict())
+
+
+def start_from_export(
+    model: nn.Module,
+    own_latent: nn.Module,
+    export_latent: nn.Module,
+    export_model: nn.Module,
+    key: str,
+    folder: str,
+) -> None:
+    """Load an exported generator into ``model`` for a second training phase (``var.init`` / ``far.init``).
+
+    Refused unless the export was trained on the same latent space (its tokenizer / autoencoder agrees with
+    this run's outside the decoder side) and has exactly this run's architecture; a fresh schedule starts.
+    """
+    if encoder_side_mismatch(own_latent, export_latent) is not None:
+        raise CheckpointMismatch(
+            f"{key} '{folder}' was trained on another latent space than this run's tokenizer / autoencoder"
+        )
+    want, got = model.state_dict(), export_model.state_dict()
+    if want.keys() != got.keys() or any(want[k].shape != got[k].shape for k in want):
+        raise CheckpointMismatch(
+            f"{key} '{folder}' is a different transformer than model.* describes; "
+            "copy its depth/width/heads into the config"
+        )
+    model.load_state_dict(got)

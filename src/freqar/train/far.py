@@ -72,6 +72,7 @@ class FARTrainSettings:
     guidance_schedule: str = "linear"
     steps: str = "25"
     temperature: float = 1.0
+    init: str = ""  # an exported FAR model (run dir or model folder): a second phase from its weights
 
 
 @dataclass
@@ -157,8 +158,19 @@ class FARTask:
             model = FARTransformer(self.far_cfg)
         if cfg.far.mask_prob == 0:  # never used in training: keep it out of the optimizer (and of DDP)
             model.mask_token.requires_grad_(False)
+        if cfg.far.init:
+            self._start_from(model, cfg.far.init)
         self.module = model
         self.moments = self._moments(run_dir)
+
+    def _start_from(self, model: FARTransformer, folder: str) -> None:
+        """Load ``far.init``'s transformer after checking its architecture and latent space."""
+        from ..models.far_pipeline import load_far_dir
+        from .decoder_swap import start_from_export
+
+        p = Path(folder)
+        start = load_far_dir(p / "model" if (p / "model" / "config.json").is_file() else p)
+        start_from_export(model, self.vae, start.vae, start.transformer, "far.init", folder)
 
     def _moments(self, run_dir: Path) -> torch.Tensor:
         """Encode the data set once; cached in the run folder keyed by the data and the autoencoder."""

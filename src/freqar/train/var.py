@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointMismatch
 from ..models.var import VARConfig, VARTransformer
 from ..pipeline import Pipeline, SamplingDefaults
 from ..tokenizers.msvq import VQVAE
@@ -111,23 +110,11 @@ class VARTask:
     def _start_from(self, model: VARTransformer, folder: str) -> None:
         """Load ``var.init``'s transformer after checking it has this run's architecture and codes."""
         from ..pipeline import load_pipeline_dir
-        from .decoder_swap import encoder_side_mismatch
+        from .decoder_swap import start_from_export
 
         p = Path(folder)
         start = load_pipeline_dir(p / "model" if (p / "model" / "config.json").is_file() else p)
-        if encoder_side_mismatch(self.tok, start.tokenizer) is not None:
-            raise CheckpointMismatch(
-                f"var.init '{folder}' was trained on other codes than var.tokenizer "
-                f"'{self.cfg.var.tokenizer}'"
-            )
-        want = model.state_dict()
-        got = start.transformer.state_dict()
-        if want.keys() != got.keys() or any(want[k].shape != got[k].shape for k in want):
-            raise CheckpointMismatch(
-                f"var.init '{folder}' is a different transformer than model.* describes; "
-                "copy its depth/width/heads into the config"
-            )
-        model.load_state_dict(got)
+        start_from_export(model, self.tok, start.tokenizer, start.transformer, "var.init", folder)
 
     def _codes(self, run_dir: Path) -> torch.Tensor:
         """Tokenize the data set once; cached in the run folder keyed by the data and tokenizer."""
