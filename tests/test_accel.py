@@ -115,11 +115,12 @@ def test_skip_errors_name_the_problem(pipe: Pipeline) -> None:
 
 
 def test_parse_accel_expands_the_tau_sweep_with_the_default() -> None:
-    s = parse_accel("sparsevar:anchors=adaptive,fastvar+skip:skip=2:drop=0.4/0.5", [0.3])
+    s = parse_accel("sparsevar:anchors=adaptive,fastvar+skip:skip=2:drop=0.4/0.5,sparsevar:keep=0.7", [0.3])
     assert [(x.method, x.knobs) for x in s] == [
         ("sparsevar", {"tau": 0.3, "anchors": "adaptive"}),
         ("sparsevar", {"tau": 0.6, "anchors": "adaptive"}),
         ("fastvar+skip", {"skip": 2, "drop": (0.4, 0.5)}),
+        ("sparsevar", {"keep": 0.7}),  # a budget ignores τ: not expanded
     ]
 
 

@@ -38,7 +38,10 @@ def _run(pipe: Pipeline, policy=None, labels=LABELS, **kw):
     return pipe.generate(labels, seed=3, policy=policy, **kw)
 
 
-@pytest.mark.parametrize("knobs", [{"tau": 0.0}, {"start_stage": len(PN)}, {"keep": 1.0}])
+@pytest.mark.parametrize(
+    "knobs",
+    [{"tau": 0.0}, {"start_stage": len(PN)}, {"keep": 1.0}, {"tau": 0.0, "signal": "entropy"}],
+)
 def test_disabled_is_bit_identical_to_dense(pipe: Pipeline, knobs: dict) -> None:
     dense = _run(pipe)
     sparse = _run(pipe, make_policy("sparsevar", alpha=2, **knobs))
@@ -207,6 +210,7 @@ def test_keep_budget_keeps_exact_counts_without_padding(
         ({"beta": -1.01}, "beta"),
         ({"keep": 0.0}, "keep"),
         ({"start_stage": 0}, "start stage"),
+        ({"signal": "psd"}, "signal must be one of dF, entropy"),
     ],
 )
 def test_invalid_knobs_give_clear_errors(knobs: dict, words: str) -> None:
@@ -252,3 +256,29 @@ def test_row_map_sampling_draws_exactly_like_multinomial() -> None:
         assert torch.equal(a[0], b[0])
         if cfg.smooth:
             torch.testing.assert_close(a[1], b[1], atol=1e-6, rtol=0)
+
+
+def test_entropy_signal_excludes_the_confident_tokens() -> None:
+    """signal=entropy: Eq. 2 thresholds the previous stage's predictive entropy; no block is tapped."""
+    pol = SparseVARPolicy(SparseVARConfig(tau=0.5, alpha=2, start_stage=2, signal="entropy"))
+    st = pol.begin([(1, 1), (2, 2), (4, 4)], batch=1, depth=2, device=torch.device("cpu"))
+    assert pol.select(1, st).taps == ()  # stage P-1 = 1: dense, nothing tapped
+    V = 8
+    logits = torch.zeros(1, 4, V)  # uniform (entropy log 8) at (0,0); one-hot-ish elsewhere
+    logits[0, 1:, 0] = 30.0
+    pol.fill(1, Selection(), logits, StepOutput(logits), st)
+    assert st.dF_Bl is not None
+    assert st.dF_Bl[0, 0] == pytest.approx(torch.log(torch.tensor(8.0)).item(), rel=1e-5)
+    assert float(st.dF_Bl[0, 1:].max()) < 1e-6
+    sel = pol.select(2, st)
+    assert st.computed_Bl is not None
+    computed = st.computed_Bl.view(4, 4)
+    # the uncertain token's 2x2 area and the anchors are computed; the confident rest is excluded
+    assert bool(computed[:2, :2].all()) and int(computed.sum()) == 4 + 3
+    assert sel.index is not None and sel.taps == ()
+
+
+def test_entropy_signal_generates_and_excludes(pipe: Pipeline) -> None:
+    out = _run(pipe, make_policy("sparsevar", tau=0.9, alpha=2, start_stage=2, signal="entropy"))
+    assert any(s["zeroed"][0] + s["copied"][0] > 0 for s in out.policy_stats)
+    assert torch.isfinite(out.images).all()

@@ -136,9 +136,9 @@ def parse_accel(text: str, taus: list[float] | None = None) -> list[AccelSetting
     """``'sparsevar,fastvar+skip:skip=2,sparsevar:anchors=adaptive'`` -> settings (dense not included).
 
     Methods are comma-separated; knobs follow a method as ``:key=value`` (``drop=0.4/0.5``). A method
-    built on SparseVAR without its own ``tau`` is expanded over ``taus``, plus the default τ (0.6) so
-    the default setting is always measured. ``farskip`` without ``tau`` or ``keep`` is expanded over
-    ``taus`` alone (it has no paper default to check).
+    built on SparseVAR without its own ``tau`` or ``keep`` (a budget ignores τ) is expanded over
+    ``taus``, plus the default τ (0.6) so the default setting is always measured. ``farskip`` without
+    ``tau`` or ``keep`` is expanded over ``taus`` alone (it has no paper default to check).
     """
     out: list[AccelSetting] = []
     for item in [t.strip() for t in text.split(",") if t.strip()]:
@@ -152,7 +152,7 @@ def parse_accel(text: str, taus: list[float] | None = None) -> list[AccelSetting
         base = "farskip" if method_family(method.strip()) == "far" else split_method(method.strip())[0]
         if base == "farskip" and "tau" not in knobs and "keep" not in knobs and taus:
             out += [AccelSetting("farskip", {"tau": t, **knobs}) for t in sorted(set(taus))]
-        elif base == "sparsevar" and "tau" not in knobs and taus:
+        elif base == "sparsevar" and "tau" not in knobs and "keep" not in knobs and taus:
             sweep = sorted(set(taus) | {SparseVARConfig().tau})
             out += [AccelSetting(method.strip(), {"tau": t, **knobs}) for t in sweep]
         else:

@@ -42,6 +42,8 @@ from ..interfaces import Selection, StagePrediction, StepOutput, materialize
 COMPUTED, ANCHOR, COPIED, ZEROED = 0, 1, 2, 3
 # Anchor placement rules: the paper's fixed α×α grid, or content-adaptive at the same count.
 ANCHOR_RULES = ("uniform", "adaptive")
+# Exclusion signals: the paper's ΔF of probe block s, or the entropy of the previous stage's guided logits.
+SIGNALS = ("dF", "entropy")
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,11 @@ class SparseVARConfig:
     block: int | None = None
     keep: float | None = None
     anchors: str = "uniform"
+    signal: str = "dF"
 
     def __post_init__(self) -> None:
+        if self.signal not in SIGNALS:
+            raise InvalidOption(f"sparsevar signal must be one of {', '.join(SIGNALS)}, got '{self.signal}'")
         if self.anchors not in ANCHOR_RULES:
             raise InvalidOption(
                 f"sparsevar anchors must be one of {', '.join(ANCHOR_RULES)}, got '{self.anchors}'"
@@ -267,7 +272,7 @@ class SparseVARPolicy:
         st.computed_Bl, st.anchor_l = None, None
         if st.off or stage < st.P - 1:
             return Selection()
-        taps = (st.s,) if stage < len(st.grids) - 1 else ()
+        taps = (st.s,) if stage < len(st.grids) - 1 and self.cfg.signal == "dF" else ()
         if stage == st.P - 1:
             return Selection(taps=taps)
         assert st.dF_Bl is not None and st.low_Bl is not None
@@ -319,13 +324,18 @@ class SparseVARPolicy:
             self._record(stage, st, code)
         last = stage == len(st.grids) - 1
         if stage >= st.P - 1 and not last:
-            tap_in, tap_out = out.taps[st.s]
-            dF_Bn = (tap_out[:B] - tap_in[:B]).float().square().mean(dim=-1, keepdim=True)  # Eq. 1, cond rows
-            st.dF_Bl = scatter_rows(dF_Bn, sel, l).squeeze(-1)
-            if stage == st.P - 1:
-                st.low_Bl = torch.zeros(B, l, dtype=torch.bool, device=dF_Bn.device)
-            # vocabulary-last (channels_last) view: the resize then reads and writes contiguous rows
             full_BlV = materialize(pred)
+            if self.cfg.signal == "dF":
+                tap_in, tap_out = out.taps[st.s]
+                dF_Bn = (tap_out[:B] - tap_in[:B]).float().square().mean(dim=-1, keepdim=True)  # Eq. 1
+                st.dF_Bl = scatter_rows(dF_Bn, sel, l).squeeze(-1)
+            else:  # the model's own uncertainty at each token; positions not computed count as 0, as ΔF's
+                logp = full_BlV.float().log_softmax(dim=-1)
+                ent = -(logp.exp() * logp).sum(dim=-1)
+                st.dF_Bl = ent if st.computed_Bl is None else ent.masked_fill(~st.computed_Bl, 0.0)
+            if stage == st.P - 1:
+                st.low_Bl = torch.zeros(B, l, dtype=torch.bool, device=full_BlV.device)
+            # vocabulary-last (channels_last) view: the resize then reads and writes contiguous rows
             prev = full_BlV.reshape(B, h, w, -1).permute(0, 3, 1, 2)
             resized = _resize(prev, st.grids[stage + 1]).permute(0, 2, 3, 1)
             # a copy either way: the sampler may mask the logits in place
