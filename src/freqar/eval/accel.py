@@ -199,6 +199,7 @@ def resolve_setting(pipe: Pipeline, s: AccelSetting, calibrated: int | None) -> 
             cfg.beta,
             cfg.keep,
             cfg.anchors,
+            cfg.signal,
             P,
         ) == (
             default.tau,
@@ -206,6 +207,7 @@ def resolve_setting(pipe: Pipeline, s: AccelSetting, calibrated: int | None) -> 
             default.beta,
             default.keep,
             default.anchors,
+            default.signal,
             default.resolve(S, depth)[0],
         )
     elif base == "fastvar":
