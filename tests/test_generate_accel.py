@@ -28,6 +28,7 @@ def _args(model: str, accel: str, **kw: object) -> argparse.Namespace:
             "drop",
             "cache_stage",
             "anchors",
+            "signal",
             "skip",
         )
     )
@@ -68,6 +69,7 @@ def test_skip_and_anchor_knobs_reach_the_policy() -> None:
     pol = build_policy(_args("var-tiny", "sparsevar+skip", skip=2, anchors="adaptive", tau=0.5))
     assert isinstance(pol, SkipPolicy) and pol.cfg.skip == 2
     assert pol.inner.cfg.anchors == "adaptive" and pol.inner.cfg.tau == 0.5
+    assert build_policy(_args("var-tiny", "sparsevar", signal="entropy")).cfg.signal == "entropy"
 
 
 def _pixels(path: Path) -> np.ndarray:

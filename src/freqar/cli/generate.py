@@ -30,6 +30,7 @@ _KNOBS = {
     "drop": ("drop", ("fastvar",)),
     "cache_stage": ("cache_stage", ("fastvar",)),
     "anchors": ("anchors", ("sparsevar",)),
+    "signal": ("signal", ("sparsevar",)),
     "skip": ("skip", ("skip", "sparsevar+skip", "fastvar+skip")),
 }
 ACCEL_CHOICES = ("none", "auto", "sparsevar", "fastvar", "farskip", "skip", "sparsevar+skip", "fastvar+skip")
@@ -85,6 +86,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--cache-stage", type=int, help="FastVAR dense cache stage (start stage - 1)")
     a.add_argument(
         "--anchors", choices=("uniform", "adaptive"), help="SparseVAR anchor placement (uniform α×α grid)"
+    )
+    a.add_argument(
+        "--signal",
+        choices=("dF", "entropy"),
+        help="SparseVAR exclusion signal: the probe block's ΔF (paper) or the previous stage's entropy",
     )
     a.add_argument("--skip", type=int, help="scales not run at the end, for the +skip methods (1)")
     a.add_argument("--save-masks", metavar="PATH", help="SparseVAR: write the per-stage token masks (PNG)")

@@ -25,6 +25,10 @@ Paper-derived (the authors released no code), with the decisions the paper leave
   Why: an excluded token takes its best anchor's logits, so anchors should sit where they represent
   many excluded tokens well (region centres, one per distinct flat region) rather than on a fixed
   lattice that puts several in one flat background and none in a small lone structure.
+- Entropy signal (``signal="entropy"``, beyond the paper): Eq. 2 thresholds the entropy of the previous
+  stage's guided logits instead of ΔF, with no block tapped. On the bundled emoji model it predicts what
+  still changes at a token better than any block's ΔF (Spearman +0.53 against +0.29 for the best block)
+  yet gave the same FD at the same token budget, so ΔF stays the default (README, "beyond the paper").
 """
 
 from __future__ import annotations
