@@ -40,6 +40,9 @@ def test_auto_is_the_studied_setting_or_sparsevar(monkeypatch: pytest.MonkeyPatc
     assert recommended_accel("var-tiny") == ("sparsevar", {})
     assert isinstance(build_policy(_args("var-tiny", "auto")), SparseVARPolicy)
     assert build_policy(_args("far-tiny", "auto")).name == "farskip"
+    far = build_policy(_args("far-emoji", "auto"))
+    assert far.name == "farskip" and far.cfg.tau == STUDIED_ACCEL["far-emoji"][1]["tau"]
+    assert build_policy(_args("far-emoji", "auto", tau=0.4)).cfg.tau == 0.4  # the user's knob wins
     monkeypatch.setitem(STUDIED_ACCEL, "var-tiny", ("fastvar+skip", {"skip": 2}))
     pol = build_policy(_args("var-tiny", "auto"))
     assert isinstance(pol, SkipPolicy) and pol.name == "fastvar+skip" and pol.cfg.skip == 2

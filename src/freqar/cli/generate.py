@@ -101,9 +101,7 @@ def build_policy(args: argparse.Namespace):
     """The token policy the options ask for (None = dense); knobs of another policy are an error."""
     method, knobs = args.accel, {}
     if method == "auto":  # the study's best setting for this model; the user's knobs still win
-        from ..models.far_pipeline import is_far_model
-
-        method, knobs = ("farskip", {}) if is_far_model(args.model) else recommended_accel(args.model)
+        method, knobs = recommended_accel(args.model)
     shown = method if args.accel != "auto" else f"auto (= {method} for model '{args.model}')"
     base, skip = split_method(method) if "skip" in method.split("+") else (method, False)
     for opt, (field, owners) in _KNOBS.items():
