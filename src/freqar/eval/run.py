@@ -42,7 +42,7 @@ class EvalSettings:
     cfg: float | None = None
     top_k: int | None = None
     top_p: float | None = None
-    steps: str | None = None  # FAR / HART diffusion steps, e.g. "25" or "ddim25" (default: the model's)
+    steps: str | None = None  # FAR diffusion steps per level, e.g. "25" or "ddim25" (default: the model's)
     kid_subsets: int = 100
     kid_subset_size: int = 200
     pr_k: int = 3
