@@ -41,6 +41,7 @@ def test_calibration_is_deterministic_for_a_seed(pipe: Pipeline) -> None:
     assert 0 <= a["block"] < 3 and len(a["scores"]["spearman"]) == 3
     assert a["block"] == max(range(3), key=lambda i: a["scores"]["spearman"][i])
     assert set(a["per_stage_spearman"]) == {"1", "2", "3", "4"}  # P = max(1, 5 - 4)
+    assert -1.0 <= a["scores"]["entropy_spearman"] <= 1.0 and a["scores"]["entropy_spearman"] != 0.0
     assert calibrate(pipe, CalibrationSettings(samples=8, batch=4, seed=6))["labels"] != a["labels"]
 
 

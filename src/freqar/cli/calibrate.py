@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     save_calibration(res, path)
     scores = ", ".join(f"{i}: {v:+.3f}" for i, v in enumerate(res["scores"]["spearman"]))
     print(f"probe block s = {res['block']} (default {res['default_block']}); Spearman per block {scores}")
+    ent = res["scores"]["entropy_spearman"]
+    print(f"Spearman of the previous stage's entropy (sparsevar signal=entropy): {ent:+.3f}")
     note = (
         "" if args.out is None else " (pass it with --calibration FILE; only the default place is automatic)"
     )
