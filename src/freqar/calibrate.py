@@ -32,7 +32,7 @@ from .errors import FreqarError
 from .interfaces import Selection, StepOutput
 from .io import read_json, write_json
 from .pipeline import Pipeline
-from .policies.sparsevar import SparseVARConfig, SparseVARPolicy, _resize
+from .policies.sparsevar import SparseVARConfig, SparseVARPolicy, _resize, predictive_entropy
 
 CALIBRATION_NAME = "sparsevar-calibration.json"
 FORMAT = "freqar-calibration/1"
@@ -93,8 +93,7 @@ class _ProbePolicy:
             st.dF[stage] = torch.stack(
                 [(out.taps[s][1][:B] - out.taps[s][0][:B]).float().square().mean(-1) for s in sel.taps]
             )
-            logp = logits_BnV.float().log_softmax(dim=-1)
-            st.entropy[stage] = -(logp.exp() * logp).sum(dim=-1)  # sparsevar signal=entropy's map
+            st.entropy[stage] = predictive_entropy(logits_BnV)  # sparsevar signal=entropy's map
         return logits_BnV, None
 
     def observe_output(self, stage: int, canvas: torch.Tensor, st: _ProbeState) -> None:

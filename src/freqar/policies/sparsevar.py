@@ -127,6 +127,12 @@ class SparseVARState:
     stats: list[dict] = field(default_factory=list)
 
 
+def predictive_entropy(logits_BlV: torch.Tensor) -> torch.Tensor:
+    """(B, l) entropy of each token's distribution: ``signal="entropy"``'s map (and what calibrate scores)."""
+    logp = logits_BlV.float().log_softmax(dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
 def anchor_mask(h: int, w: int, alpha: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """(h*w,) bool: the top-left position of every α×α cell."""
     rows = torch.arange(h, device=device) % alpha == 0
@@ -334,8 +340,7 @@ class SparseVARPolicy:
                 dF_Bn = (tap_out[:B] - tap_in[:B]).float().square().mean(dim=-1, keepdim=True)  # Eq. 1
                 st.dF_Bl = scatter_rows(dF_Bn, sel, l).squeeze(-1)
             else:  # the model's own uncertainty at each token; positions not computed count as 0, as ΔF's
-                logp = full_BlV.float().log_softmax(dim=-1)
-                ent = -(logp.exp() * logp).sum(dim=-1)
+                ent = predictive_entropy(full_BlV)
                 st.dF_Bl = ent if st.computed_Bl is None else ent.masked_fill(~st.computed_Bl, 0.0)
             if stage == st.P - 1:
                 st.low_Bl = torch.zeros(B, l, dtype=torch.bool, device=full_BlV.device)
