@@ -1,7 +1,7 @@
 """Copy a trained VAR run into the package as the bundled ``emoji`` model and draw its README grid.
 
-Usage: python scripts/ship_emoji_default.py RUN_DIR [--cfg 3.0 --top-k 0 --top-p 0.0] [--grid docs/x.png]
-    [--tokenizer FT_RUN]
+Usage: python scripts/ship_emoji_default.py RUN_DIR [--cfg 3.0 --top-k 0 --top-p 0.0 --temperature 1.0]
+    [--grid docs/x.png] [--tokenizer FT_RUN]
 RUN_DIR is a `freqar train var` folder (its ``model/`` export is used). ``--tokenizer`` swaps in the decoder
 of a decoder-only fine-tune (configs/emoji128_decoder_ft.yaml); its encoder and codebook must equal the VAR
 run's, so the transformer's codes keep their meaning.
@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=0.0)
+    ap.add_argument("--temperature", type=float, default=1.0, help="divides the logits before top-k/p")
     ap.add_argument("--grid", default="docs/emoji_default_samples.png")
     ap.add_argument("--per-class", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
@@ -34,7 +35,9 @@ def main() -> None:
     pipe.name = "emoji"
     if args.tokenizer:
         swap_decoder(pipe.tokenizer, load_tokenizer(args.tokenizer), args.tokenizer)
-    pipe.defaults = SamplingDefaults(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
+    pipe.defaults = SamplingDefaults(
+        cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature
+    )
     dest = pipe.save(args.dest)
     size = sum(p.stat().st_size for p in dest.iterdir()) / 2**20
     print(f"saved {dest} ({size:.1f} MiB)")

@@ -97,6 +97,8 @@ def test_wrong_family_methods_are_one_line_errors(data: Path, tmp_path: Path, ca
         (["--model", "far-tiny", "--top-p", "0.5"], "--top-p does not apply to FAR"),
         (["--model", str(var_model), "--steps", "5"], "--steps applies to FAR models"),
         (["--model", "far-tiny", "--steps", "0"], "steps"),
+        (["--model", "far-tiny", "--temperature", "-1"], "temperature must be >= 0"),
+        (["--model", str(var_model), "--temperature", "0"], "temperature must be > 0"),
     ]  # fmt: skip
     for extra, msg in cases:
         assert main([*base, *extra]) == 2, extra
@@ -105,22 +107,24 @@ def test_wrong_family_methods_are_one_line_errors(data: Path, tmp_path: Path, ca
 
 
 def test_eval_steps_reach_the_far_sampler(data: Path, tmp_path: Path, monkeypatch) -> None:
-    """``freqar eval --steps`` is used by FAR's sampler (and recorded), not silently dropped."""
+    """``freqar eval --steps/--temperature`` reach FAR's sampler and eval.json, not dropped."""
     from freqar.models import far_pipeline
 
     seen: list = []
     real = far_pipeline.FARPipeline.generate
 
     def spy(self, *a, **kw):  # noqa: ANN001, ANN002, ANN003
-        seen.append(kw.get("steps"))
+        seen.append((kw.get("steps"), kw.get("temperature")))
         return real(self, *a, **kw)
 
     monkeypatch.setattr(far_pipeline.FARPipeline, "generate", spy)
     out = tmp_path / "o"
     argv = ["eval", "--model", "far-tiny", "--data", str(data), "--samples", "2", "--batch", "2"]
-    assert main([*argv, "--steps", "ddim3", "--kid-subsets", "2", "--out", str(out)]) == 0
-    assert seen == ["ddim3"]
-    assert json.loads((out / "eval.json").read_text())["settings"]["steps"] == "ddim3"
+    extra = ["--steps", "ddim3", "--temperature", "0.4", "--kid-subsets", "2", "--out", str(out)]
+    assert main([*argv, *extra]) == 0
+    assert seen == [("ddim3", 0.4)]
+    rec = json.loads((out / "eval.json").read_text())["settings"]
+    assert rec["steps"] == "ddim3" and rec["temperature"] == 0.4
 
 
 def test_check_methods_and_verdict_without_a_model() -> None:

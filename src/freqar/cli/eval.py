@@ -30,6 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cfg", type=float, help="guidance scale (default: the model's)")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
+    p.add_argument(
+        "--temperature",
+        type=float,
+        help="sampling temperature (default: the model's); VAR divides the logits by it, FAR scales the "
+        "diffusion noise with it",
+    )
     p.add_argument("--steps", help="FAR: diffusion steps, e.g. 25 or ddim25 (default: the model's)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--cache", help="folder for cached reference features (default: the data folder)")
@@ -83,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         cfg=args.cfg,
         top_k=args.top_k,
         top_p=args.top_p,
+        temperature=args.temperature,
         steps=args.steps,
         kid_subsets=kid_subsets,
     )

@@ -42,6 +42,7 @@ class EvalSettings:
     cfg: float | None = None
     top_k: int | None = None
     top_p: float | None = None
+    temperature: float | None = None  # VAR: divides the logits; FAR: scales the diffusion noise
     steps: str | None = None  # FAR diffusion steps per level, e.g. "25" or "ddim25" (default: the model's)
     kid_subsets: int = 100
     kid_subset_size: int = 200
@@ -86,10 +87,10 @@ def generate_kwargs(pipe: Pipeline, s: EvalSettings) -> dict[str, Any]:
                 raise InvalidOption(
                     f"{flag} does not apply to FAR models ('{pipe.name}'): they sample with a diffusion head"
                 )
-        return {"cfg": s.cfg, "steps": s.steps}
+        return {"cfg": s.cfg, "steps": s.steps, "temperature": s.temperature}
     if s.steps is not None:
         raise InvalidOption(f"--steps applies to FAR models (diffusion steps), not '{pipe.name}'")
-    return {"cfg": s.cfg, "top_k": s.top_k, "top_p": s.top_p}
+    return {"cfg": s.cfg, "top_k": s.top_k, "top_p": s.top_p, "temperature": s.temperature}
 
 
 def generate_samples(pipe: Pipeline, labels: list[int], s: EvalSettings) -> tuple[torch.Tensor, float]:
