@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -149,9 +150,46 @@ def test_eval_accel_end_to_end(pipe: Pipeline, tmp_path: Path, monkeypatch, caps
     assert rows[4]["token_fraction"] < 1.0 and rows[4]["knobs"] == {"skip": 1}
     assert rows[3]["is_default_sparsevar"] and rows[3]["knobs"]["block_source"] == "default"
     assert rep["sparsevar_default"]["setting"] == "sparsevar tau=0.6"
+    assert rep["bootstrap"] == 100 and rows[0]["fd_increase_ci95"] == [0.0, 0.0]
+    for r in rows[1:]:
+        lo, hi = r["fd_increase_ci95"]
+        assert lo <= hi
+    assert rep["sparsevar_default"]["fd_verdict_ci95"] in ("met", "not met", "inconclusive")
+    assert "95% CI (paired bootstrap)" in (out / "accel.md").read_text()
     for name in ("accel.md", "accel.png", "accel_samples.png"):
         assert (out / name).is_file()
     capsys.readouterr()
+    assert main([*base, "--out", str(out), "--accel", "skip", "--bootstrap", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--bootstrap must be >= 0" in err[0]
     assert main([*base, "--out", str(out), "--accel", "sparsevar+bogus"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown accelerated method" in err[0]
+
+
+def test_paired_bootstrap_interval() -> None:
+    """Identical rows give [0, 0]; a shifted row's interval excludes 0; the draw is seeded."""
+    from freqar.eval.accel import fd_verdict, paired_fd_increase_ci
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(400, 6))
+    mu, sig = fid.stats(train)
+
+    def to_train(f: np.ndarray) -> float:
+        return fid.frechet_distance(mu, sig, *fid.stats(f))
+
+    dense = rng.normal(size=(120, 6)) + 0.3
+    same = dense.copy()
+    worse = dense + 0.5  # every sample moved further from the train set
+    near = dense + rng.normal(scale=0.05, size=dense.shape)
+    cis = paired_fd_increase_ci([dense, same, worse, near], to_train, reps=60, seed=1)
+    assert cis[0] == [0.0, 0.0] and cis[1] == [0.0, 0.0]
+    assert cis[2][0] > 0.5, "the shift raises FD in every resample"
+    assert cis[3][0] < cis[3][1] and cis[3][1] < cis[2][0]
+    assert cis == paired_fd_increase_ci([dense, same, worse, near], to_train, reps=60, seed=1)
+    with pytest.raises(ValueError):
+        paired_fd_increase_ci([dense, dense[:10]], to_train, reps=5)
+    assert fd_verdict([0.01, 0.04], 0.05) == "met"
+    assert fd_verdict([0.06, 0.2], 0.05) == "not met"
+    assert fd_verdict([0.02, 0.08], 0.05) == "inconclusive"
+    assert fd_verdict(None, 0.05) is None

@@ -59,6 +59,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "for these weights, else the middle block), none (the middle block) or a calibration JSON file",
     )
     a.add_argument("--kid-subsets", type=int, default=None, help="KID subsets (default 100; 20 with --accel)")
+    a.add_argument(
+        "--bootstrap",
+        type=int,
+        default=100,
+        metavar="B",
+        help="paired-bootstrap resamples for the 95%% interval of each setting's FD increase "
+        "(default 100; 0 = off)",
+    )
     p.set_defaults(func=run)
 
 
@@ -153,11 +161,14 @@ def run_accel_cli(args: argparse.Namespace, pipe: Any, settings: list, s: Any) -
         Path(args.cache) if args.cache else None,
         calibrated=block,
         log=lambda m: print(m, file=sys.stderr, flush=True),
+        bootstrap=args.bootstrap,
     )
     paths = write_accel_report(report, out)
     for r in report["results"]:
+        ci = r.get("fd_increase_ci95")
+        ci_s = f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else ""
         print(
-            f"{r['setting']:<40} FD {r['fd']:7.2f} ({100 * r['fd_increase']:+6.1f}%)  "
+            f"{r['setting']:<40} FD {r['fd']:7.2f} ({100 * r['fd_increase']:+6.1f}%{ci_s})  "
             f"{r['speedup_vs_dense']:.2f}x e2e  tokens {100 * r['token_fraction']:5.1f}%  "
             f"PSNR {r['psnr_db']:.1f} SSIM {r['ssim']:.3f}"
         )
@@ -165,7 +176,9 @@ def run_accel_cli(args: argparse.Namespace, pipe: Any, settings: list, s: Any) -
     if v is not None:
         print(
             f"SparseVAR default: FD {100 * v['fd_increase']:+.1f}%, {v['speedup_vs_dense']:.2f}x "
-            f"(targets FD <= +5%: {'met' if v['fd_within_tolerance'] else 'NOT met'}, "
+            f"(targets FD <= +5%: {'met' if v['fd_within_tolerance'] else 'NOT met'}"
+            + (f" [95% CI: {v['fd_verdict_ci95']}]" if v.get("fd_verdict_ci95") else "")
+            + ", "
             f">= 1.3x: {'met' if v['speedup_met'] else 'NOT met'})"
         )
     f = report.get("farskip_target")

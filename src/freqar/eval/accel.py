@@ -265,9 +265,15 @@ def run_accel(
     calibrated: int | None = None,
     noise_row: bool = True,
     log: Callable[[str], None] | None = None,
+    bootstrap: int = 0,
 ) -> dict[str, Any]:
-    """Dense (+ the other-seeds dense row) and every setting on the same labels/seeds; the report dict."""
+    """Dense (+ the other-seeds dense row) and every setting on the same labels/seeds; the report dict.
+
+    ``bootstrap`` > 0 adds a paired-bootstrap 95% interval of each row's FD increase (see
+    :func:`paired_fd_increase_ci`)."""
     check_methods(pipe, settings)
+    if bootstrap < 0:
+        raise InvalidOption(f"--bootstrap must be >= 0, got {bootstrap}")
     far = pipe.family == "far"
     gen_kw = generate_kwargs(pipe, es)
     if es.samples < 2:
@@ -355,6 +361,12 @@ def run_accel(
         if far:
             r["head_speedup_vs_dense"] = d["head_seconds_per_image"] / r["head_seconds_per_image"]
     mark_pareto(rows)
+    if bootstrap > 0:
+        cis = paired_fd_increase_ci(
+            [np.concatenate(a.feats) for a in acc], scorer.fd_to_train, bootstrap, es.seed, log
+        )
+        for r, ci in zip(rows, cis, strict=True):
+            r["fd_increase_ci95"] = ci
     note = (
         "FD on EfficientNet-Lite0 pooled features: a stand-in for Inception FID, not comparable "
         "with published FIDs. seconds_per_image = engine transformer time + VAE decode, per image; "
@@ -388,6 +400,7 @@ def run_accel(
         "torch": torch.__version__,
         "machine": platform.machine(),
         "wall_seconds": time.perf_counter() - t_start,
+        "bootstrap": bootstrap,
         "note": note,
         "results": rows,
         "previews": [a.preview for a in acc],
@@ -416,6 +429,50 @@ def _dedupe(
         out_p.append(s)
         out_r.append(r)
     return out_p, out_r
+
+
+def paired_fd_increase_ci(
+    feats: list[np.ndarray],
+    fd_to_train: Callable[[np.ndarray], float],
+    reps: int,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+    level: float = 0.95,
+) -> list[list[float]]:
+    """Percentile interval of FD(row)/FD(dense) - 1 under a paired bootstrap over the generated samples.
+
+    Why paired: every row generated the same labels with the same seeds (the noise row: the same labels),
+    so sample i of a row is sample i of dense with the policy applied. Resampling the same indices in all
+    rows keeps that pairing, and the interval measures how far the *difference* moves with the sample
+    draw, which is much narrower than the seed-to-seed spread of FD itself. ``feats[0]`` is dense, whose
+    interval is [0, 0] by construction. With-replacement draws bias each FD up a little, alike for all
+    rows, so the ratio is what is bootstrapped, not FD.
+    """
+    n = feats[0].shape[0]
+    if any(f.shape[0] != n for f in feats):
+        raise ValueError("paired bootstrap needs the same number of samples in every row")
+    rng = np.random.default_rng(seed + 7919)
+    draws = np.empty((reps, len(feats)))
+    for b in range(reps):
+        idx = rng.integers(0, n, n)
+        d = fd_to_train(feats[0][idx])
+        draws[b] = [0.0] + [fd_to_train(f[idx]) / d - 1.0 for f in feats[1:]]
+        if log is not None and (b + 1) % max(1, reps // 5) == 0:
+            log(f"bootstrap {b + 1}/{reps}")
+    lo, hi = np.percentile(draws, [50 * (1 - level), 50 * (1 + level)], axis=0)
+    return [[float(a), float(c)] for a, c in zip(lo, hi, strict=True)]
+
+
+def fd_verdict(ci: list[float] | None, fd_tol: float) -> str | None:
+    """``met`` when the whole interval is within the tolerance, ``not met`` when all of it is above,
+    ``inconclusive`` when the tolerance lies inside it (more samples would decide); None without one."""
+    if ci is None:
+        return None
+    if ci[1] <= fd_tol:
+        return "met"
+    if ci[0] > fd_tol:
+        return "not met"
+    return "inconclusive"
 
 
 def mark_pareto(rows: list[dict[str, Any]]) -> None:
@@ -447,6 +504,8 @@ def sparsevar_verdict(report: dict[str, Any], fd_tol: float = 0.05, speedup: flo
         "fd_increase": r["fd_increase"],
         "speedup_vs_dense": r["speedup_vs_dense"],
         "fd_within_tolerance": r["fd_increase"] <= fd_tol,  # lower FD than dense is no failure
+        "fd_increase_ci95": r.get("fd_increase_ci95"),
+        "fd_verdict_ci95": fd_verdict(r.get("fd_increase_ci95"), fd_tol),
         "speedup_met": r["speedup_vs_dense"] >= speedup,
         "fd_noise_other_seeds": noise,
         "targets": {"fd_increase_max": fd_tol, "speedup_min": speedup},
@@ -466,11 +525,21 @@ def farskip_verdict(report: dict[str, Any], fd_tol: float = 0.05, speedup: float
     return {
         "best_setting": best["setting"] if best else None,
         "fd_increase": best["fd_increase"] if best else None,
+        "fd_increase_ci95": best.get("fd_increase_ci95") if best else None,
+        "fd_verdict_ci95": fd_verdict(best.get("fd_increase_ci95"), fd_tol) if best else None,
         "speedup_vs_dense": best["speedup_vs_dense"] if best else None,
         "target_met": bool(best and best["speedup_vs_dense"] >= speedup),
         "fd_noise_other_seeds": noise,
         "targets": {"fd_increase_max": fd_tol, "speedup_min": speedup},
     }
+
+
+def ci_text(v: dict) -> str:
+    """`` (95% CI a .. b: verdict)`` for a verdict dict with a bootstrap interval, else ''."""
+    ci = v.get("fd_increase_ci95")
+    if ci is None:
+        return ""
+    return f" (paired-bootstrap 95% CI {100 * ci[0]:+.1f}% .. {100 * ci[1]:+.1f}%: {v['fd_verdict_ci95']})"
 
 
 def farskip_lines(v: dict | None) -> list[str]:
@@ -489,7 +558,8 @@ def farskip_lines(v: dict | None) -> list[str]:
         return [f"**farskip**: no setting within the FD tolerance{noise} {target}"]
     return [
         f"**farskip**: fastest setting within the FD tolerance: {v['best_setting']}, "
-        f"{v['speedup_vs_dense']:.2f}x end to end at {100 * v['fd_increase']:+.1f}% FD{noise} {target}"
+        f"{v['speedup_vs_dense']:.2f}x end to end at {100 * v['fd_increase']:+.1f}% FD{ci_text(v)}{noise} "
+        f"{target}"
     ]
 
 
@@ -503,11 +573,15 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
 
     FAR rows (with a diffusion head) get the time split transformer / head / decode beside the total."""
     far = any("head_seconds_per_image" in r for r in rows)
+    has_ci = all("fd_increase_ci95" in r for r in rows)
     split = " transformer / head / decode |" if far else ""
+    ci_col = " 95% CI (paired bootstrap) |" if has_ci else ""
     lines = [
-        f"| setting | FD | FD norm. | FD increase | KID | s/img (e2e) |{split} speed-up "
+        f"| setting | FD | FD norm. | FD increase |{ci_col} KID | s/img (e2e) |{split} speed-up "
         "| transformer speed-up | CPU speed-up | tokens | PSNR (dB) | SSIM | Pareto |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if far else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        + ("---|" if far else "")
+        + ("---|" if has_ci else ""),
     ]
     for r in rows:
         parts = ""
@@ -516,10 +590,14 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
                 f" {r['transformer_seconds_per_image']:.4f} / {r['head_seconds_per_image']:.4f} / "
                 f"{r['decode_seconds_per_image']:.4f} |"
             )
+        ci = ""
+        if has_ci:
+            lo, hi = r["fd_increase_ci95"]
+            ci = f" {100 * lo:+.1f}% .. {100 * hi:+.1f}% |"
         lines.append(
             f"| {r['setting']} | {r['fd']:.2f} | {_f(r['fd_normalized'], 3)} "
-            f"| {100 * r['fd_increase']:+.1f}% "
-            f"| {r['kid']:.4f} | {r['seconds_per_image']:.4f} |{parts} {r['speedup_vs_dense']:.2f}x "
+            f"| {100 * r['fd_increase']:+.1f}% |{ci}"
+            f" {r['kid']:.4f} | {r['seconds_per_image']:.4f} |{parts} {r['speedup_vs_dense']:.2f}x "
             f"| {r['transformer_speedup_vs_dense']:.2f}x | {r['cpu_speedup_vs_dense']:.2f}x "
             f"| {100 * r['token_fraction']:.1f}% "
             f"| {r['psnr_db']:.2f} | {r['ssim']:.3f} | {'yes' if r['pareto'] else ''} |"
@@ -558,7 +636,8 @@ def verdict_lines(v: dict | None) -> list[str]:
     )
     return [
         f"**SparseVAR default** ({v['setting']}, probe block {v['block']} [{v['block_source']}]): FD "
-        f"{100 * v['fd_increase']:+.1f}% vs dense{noise}, {v['speedup_vs_dense']:.2f}x end to end. Target "
+        f"{100 * v['fd_increase']:+.1f}% vs dense{ci_text(v)}{noise}, "
+        f"{v['speedup_vs_dense']:.2f}x end to end. Target "
         f"(FD within {100 * v['targets']['fd_increase_max']:.0f}%, >= {v['targets']['speedup_min']}x): "
         + (
             "met."
