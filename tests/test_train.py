@@ -284,3 +284,52 @@ def test_lite0_perceptual_distance() -> None:
     d = per(b, a)
     d.backward()
     assert d.item() > 0 and b.grad is not None and b.grad.abs().sum() > 0
+
+
+def _with_eval(cfg, every: int, val_data: str = ""):  # type: ignore[no-untyped-def]
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, eval_every=every, val_data=val_data))
+
+
+def test_held_out_evaluation_is_logged_and_leaves_training_unchanged(
+    tmp_path: Path, data_dir: Path, trained_tok: Path
+) -> None:
+    """run.eval_every: held-out and train-subset losses every N steps (and at the end), plotted; the
+    training numbers are bit-identical to a run without it, and resuming may change it."""
+    plain = train_var(var_config(data_dir, trained_tok, steps=5), tmp_path / "plain", progress=False)
+    cfg = _with_eval(var_config(data_dir, trained_tok, steps=5, ckpt_every=2), 2)
+    _run_until(train_var, cfg, tmp_path / "ev", stop_after=2)
+    res = train_var(_with_eval(cfg, 3), tmp_path / "ev", progress=False)  # resumed with another interval
+    assert res.history["loss"] == plain.history["loss"]
+    a = torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=True)["ema"]
+    b = torch.load(tmp_path / "ev" / "checkpoint.pt", weights_only=True)["ema"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert res.history["val_step"] == [2.0, 3.0, 5.0]
+    for key in ("val_loss", "train_eval_loss", "val_acc_last"):
+        assert len(res.history[key]) == 3 and all(np.isfinite(res.history[key]))
+    assert 0.0 <= res.history["val_acc_last"][-1] <= 1.0
+    tok = train_tokenizer(_with_eval(tok_config(data_dir, steps=2), 1), tmp_path / "tok", progress=False)
+    assert tok.history["val_step"] == [1.0, 2.0] and all(p > 0 for p in tok.history["val_psnr"])
+    # an explicit held-out folder: the same data set's held-out split gives the same numbers
+    runs = [
+        train_var(
+            _with_eval(var_config(data_dir, trained_tok, steps=2), 2, v), tmp_path / f"v{i}", progress=False
+        )
+        for i, v in enumerate(["", str(data_dir)])
+    ]
+    assert runs[0].history["val_loss"] == runs[1].history["val_loss"]
+
+
+def test_held_out_evaluation_errors(tmp_path: Path, data_dir: Path, trained_tok: Path) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)).save(folder / f"{i}.png")
+    cfg = _with_eval(tok_config(folder, steps=1), 1)
+    with pytest.raises(DatasetError, match="run.eval_every needs held-out images"):
+        train_tokenizer(cfg, tmp_path / "a", progress=False)
+    with pytest.raises(DatasetError, match="run.val_data folder not found"):
+        train_tokenizer(_with_eval(tok_config(data_dir, steps=1), 1, str(tmp_path / "nope")), tmp_path / "b")
+    with pytest.raises(DatasetError, match="have classes"):  # unlabelled folder against 3 classes
+        train_var(_with_eval(var_config(data_dir, trained_tok, steps=1), 1, str(folder)), tmp_path / "c")
+    with pytest.raises(Exception, match="run.eval_every must be >= 0"):
+        train_tokenizer(_with_eval(tok_config(data_dir, steps=1), -1), tmp_path / "d", progress=False)

@@ -351,3 +351,24 @@ def test_far_init_starts_a_second_phase(tmp_path: Path, data_dir: Path, trained_
     elsewhere = dataclasses.replace(cfg, far=dataclasses.replace(cfg.far, kl=str(other_kl)))
     with pytest.raises(CheckpointMismatch, match="another latent space"):
         FARTask(elsewhere, load_dataset(cfg.data), DistContext(), tmp_path / "p4")
+
+
+def test_held_out_evaluation_for_kl_and_far(tmp_path: Path, data_dir: Path, trained_kl: Path) -> None:
+    """run.eval_every on both FAR trainers: logged losses, training bit-identical to a run without it."""
+    import dataclasses
+
+    def ev(cfg, every: int = 2):  # type: ignore[no-untyped-def]
+        return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, eval_every=every))
+
+    kl_plain = train_kl(kl_cfg(data_dir, steps=3), tmp_path / "kl0", progress=False)
+    kl_ev = train_kl(ev(kl_cfg(data_dir, steps=3)), tmp_path / "kl1", progress=False)
+    assert kl_ev.history["loss"] == kl_plain.history["loss"]
+    assert kl_ev.history["val_step"] == [2.0, 3.0] and all(p > 0 for p in kl_ev.history["val_psnr"])
+    far_plain = train_far(far_cfg(data_dir, trained_kl, steps=3), tmp_path / "far0", progress=False)
+    far_ev = train_far(ev(far_cfg(data_dir, trained_kl, steps=3)), tmp_path / "far1", progress=False)
+    assert far_ev.history["loss"] == far_plain.history["loss"]
+    a = torch.load(tmp_path / "far0" / "checkpoint.pt", weights_only=True)["ema"]
+    b = torch.load(tmp_path / "far1" / "checkpoint.pt", weights_only=True)["ema"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    vl, tl = far_ev.history["val_loss"], far_ev.history["train_eval_loss"]
+    assert len(vl) == len(tl) == 2 and all(math.isfinite(x) for x in vl + tl)

@@ -49,6 +49,12 @@ class RunConfig:
     ckpt_every: int = 200
     log_every: int = 10
     threads: int = 0  # torch.set_num_threads; 0 = leave the default
+    # held-out evaluation of the EMA weights every N steps (0 = off): the loss on held-out images beside the
+    # same loss on as many training images, so over-fitting shows while the run goes on (history, loss.png)
+    eval_every: int = 0
+    # held-out images for eval_every: '' = the held-out split of the training `freqar data` folder; else a
+    # `freqar data` folder (its held-out split) or an image folder (with an optional labels.csv inside)
+    val_data: str = ""
 
 
 @dataclass
@@ -136,7 +142,13 @@ class VARTrainConfig:
 
 
 # Fields that may differ when resuming (bookkeeping only, no effect on the numbers).
-VOLATILE = {("run", "ckpt_every"), ("run", "log_every"), ("run", "threads")}
+VOLATILE = {
+    ("run", "ckpt_every"),
+    ("run", "log_every"),
+    ("run", "threads"),
+    ("run", "eval_every"),  # evaluation reads the EMA weights and no random state: training is unchanged
+    ("run", "val_data"),
+}
 
 
 def _coerce(value: Any, current: Any, name: str) -> Any:

@@ -152,6 +152,40 @@ def load_dataset(cfg: DataConfig) -> ImageSet:
     return load_image_folder(root, cfg.size, cfg.labels)
 
 
+def load_validation_set(cfg: DataConfig, val_data: str, train: ImageSet) -> ImageSet:
+    """Held-out images for ``run.eval_every``: ``val_data`` when given (a ``freqar data`` folder's held-out
+    split, or an image folder labelled by a ``labels.csv`` inside it), else the held-out split of the
+    training manifest. Its classes must be the training set's, or the conditional loss compares nothing."""
+    if val_data:
+        root = Path(val_data)
+        if not root.is_dir():
+            raise DatasetError(f"run.val_data folder not found: '{root}'")
+        if (root / "manifest.json").is_file():
+            try:
+                ds = load_manifest_dataset(root, "heldout")
+            except DatasetError:
+                ds = load_manifest_dataset(root, "all")
+        else:
+            lab = root / "labels.csv"
+            ds = load_image_folder(root, cfg.size, str(lab) if lab.is_file() else "")
+    else:
+        root = Path(cfg.path)
+        if not (root / "manifest.json").is_file() or cfg.split != "train":
+            raise DatasetError(
+                "run.eval_every needs held-out images: train on data.split=train of a `freqar data` "
+                "folder, or give run.val_data=DIR"
+            )
+        ds = load_manifest_dataset(root, "heldout")
+    if ds.size != train.size:
+        raise DatasetError(f"held-out images '{root}' are {ds.size} px but training uses {train.size} px")
+    if ds.class_names != train.class_names:
+        raise DatasetError(
+            f"held-out images '{root}' have classes {ds.class_names[:4]} but training has "
+            f"{train.class_names[:4]}"
+        )
+    return ds
+
+
 def to_unit(images_BHWC: torch.Tensor) -> torch.Tensor:
     """uint8 (B,H,W,3) -> float (B,3,H,W) in [-1, 1]."""
     return images_BHWC.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)

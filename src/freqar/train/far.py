@@ -35,7 +35,7 @@ from ..models.far import FARConfig, FARTransformer
 from ..models.far_pipeline import FARDefaults, FARPipeline
 from ..tokenizers.kl import AutoencoderKL
 from .config import DataConfig, OptimConfig, RunConfig
-from .data import DatasetError, ImageSet, batch_indices, step_generator, to_unit
+from .data import DatasetError, ImageSet, batch_indices, load_validation_set, step_generator, to_unit
 from .dist import DistContext
 from .kl import kl_fingerprint, load_kl
 
@@ -162,6 +162,8 @@ class FARTask:
             self._start_from(model, cfg.far.init)
         self.module = model
         self.moments = self._moments(run_dir)
+        self.val = load_validation_set(cfg.data, cfg.run.val_data, data) if cfg.run.eval_every > 0 else None
+        self._val_moments: torch.Tensor | None = None
 
     def _start_from(self, model: FARTransformer, folder: str) -> None:
         """Load ``far.init``'s transformer after checking its architecture and latent space."""
@@ -223,6 +225,42 @@ class FARTask:
 
     def after_step(self, step: int, loop: Any) -> dict[str, float]:
         return {}
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        """The training loss (weighted diffusion loss, no masking) on posterior-mean latents of the held-out
+        images and of as many training images, with the same fixed levels, timesteps and noise for both
+        sets and at every evaluation, so the numbers compare across steps and between the sets."""
+        assert self.val is not None
+        if self._val_moments is None:
+            self._val_moments = encode_moments(self.vae, self.val.images, False)[0]
+            n = min(len(self.val), len(self.data))
+            g = torch.Generator().manual_seed(self.cfg.run.seed)
+            self._train_idx = torch.randperm(len(self.data), generator=g)[:n]
+        ti = self._train_idx
+        return {
+            "val_loss": self._diffusion_loss(model, self._val_moments, self.val.labels),
+            "train_eval_loss": self._diffusion_loss(model, self.moments[0][ti], self.data.labels[ti]),
+        }
+
+    def _diffusion_loss(
+        self, model: nn.Module, moments: torch.Tensor, labels: torch.Tensor, batch: int = 32
+    ) -> float:
+        dev, c = self.ctx.device, self.cfg
+        dev_type = "cuda" if str(dev).startswith("cuda") else "cpu"
+        total, n = 0.0, moments.shape[0]
+        for b, i in enumerate(range(0, n, batch)):
+            z = moments[i : i + batch].chunk(2, dim=1)[0] * self.vae.cfg.scale_factor
+            with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=c.far.amp):
+                out = model(
+                    z.to(dev),
+                    labels[i : i + batch].to(dev),
+                    generator=step_generator(c.run.seed, b, 0, 9),
+                    level_weights=self.weights,
+                    mask=False,
+                )
+            total += out["loss"].float().item() * z.shape[0]
+        return total / n
 
     def state_dict(self) -> dict[str, Any]:
         return {}

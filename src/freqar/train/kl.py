@@ -12,6 +12,7 @@ kl16), so FAR trains on roughly unit-variance latents.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from ..io import (
 )
 from ..tokenizers.kl import AutoencoderKL, KLConfig
 from .config import DataConfig, OptimConfig, RunConfig, to_dict
-from .data import ImageSet, batch_indices, step_generator, to_unit
+from .data import ImageSet, batch_indices, load_validation_set, step_generator, to_unit
 from .dist import DistContext
 
 KL_FORMAT = "freqar-kl/1"
@@ -161,6 +162,7 @@ class KLTask:
             if cfg.init.decoder_only:  # same encoder, same latent scale: keep it exactly
                 self.fixed_scale = start.cfg.scale_factor
         self.module = KLTrainModule(vae, decoder_only=cfg.init.decoder_only)
+        self.val = load_validation_set(cfg.data, cfg.run.val_data, data) if cfg.run.eval_every > 0 else None
         self.perceptual = None
         if cfg.loss.perceptual_weight > 0:
             from .perceptual import load_lite0_perceptual
@@ -198,6 +200,30 @@ class KLTask:
             std=torch.exp(0.5 * logvar.detach()).mean().item(),
         )
         return loss, logs, x.shape[0]
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        """Reconstruction loss (MSE + L1 weight·L1) and PSNR of the posterior mode on the held-out images,
+        and the same loss on as many training images (a fixed draw)."""
+        assert self.val is not None
+        n = min(len(self.val), len(self.data))
+        ti = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.cfg.run.seed))[:n]
+        val_loss, val_mse = self._recon(model, self.val.images)
+        train_loss, _ = self._recon(model, self.data.images[ti])
+        psnr = -10 * math.log10(val_mse / 4 + 1e-12)  # images span [-1, 1]: peak-to-peak 2
+        return {"val_loss": val_loss, "train_eval_loss": train_loss, "val_psnr": psnr}
+
+    def _recon(self, model: nn.Module, images: torch.Tensor, batch: int = 32) -> tuple[float, float]:
+        loss_sum, mse_sum = 0.0, 0.0
+        side, C = self.vae_cfg.latent_side, self.vae_cfg.embed_dim
+        for i in range(0, images.shape[0], batch):
+            x = to_unit(images[i : i + batch]).to(self.ctx.device)
+            rec = model(x, x.new_zeros(x.shape[0], C, side, side))[0]  # zero noise: the posterior mean
+            mse = F.mse_loss(rec, x, reduction="none").flatten(1).mean(1)
+            l1 = F.l1_loss(rec, x, reduction="none").flatten(1).mean(1)
+            loss_sum += (mse + self.cfg.loss.l1_weight * l1).sum().item()
+            mse_sum += mse.sum().item()
+        return loss_sum / images.shape[0], mse_sum / images.shape[0]
 
     def after_step(self, step: int, loop: Any) -> dict[str, float]:
         return {}

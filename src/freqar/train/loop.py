@@ -51,6 +51,9 @@ class Task(Protocol):
 
     def export(self, ema: nn.Module, run_dir: Path) -> Path: ...
 
+    # Optional: ``validate(ema) -> {"val_loss": ..., "train_eval_loss": ...}`` for ``run.eval_every``; the
+    # same loss on held-out images and on as many training images, with no randomness.
+
 
 def lr_at(step: int, optim: OptimConfig, total: int) -> float:
     """Linear warm-up to ``lr`` then cosine decay to ``lr * min_lr_ratio`` at ``total``."""
@@ -194,7 +197,15 @@ class TrainLoop:
         except ImportError:
             return
         fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-        ax.plot(self.history["step"], self.history["loss"], lw=1)
+        ax.plot(self.history["step"], self.history["loss"], lw=1, label="training batches")
+        if self.history.get("val_step"):
+            for key, style, name in (
+                ("train_eval_loss", "o-", "training images"),
+                ("val_loss", "s-", "held-out"),
+            ):
+                if key in self.history:
+                    ax.plot(self.history["val_step"], self.history[key], style, ms=3, lw=1.2, label=name)
+            ax.legend(fontsize=7)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.set_yscale("log")
@@ -205,6 +216,26 @@ class TrainLoop:
             fig.savefig(tmp, format="png")
         plt.close(fig)
 
+    def validate(self, bar: Any = None) -> None:
+        """Held-out evaluation of the EMA weights (main process; it touches no random state, so the
+        training numbers are those of a run without it); logged and kept in the history."""
+        if not self.ctx.is_main:
+            return
+        t = time.perf_counter()
+        metrics = self.task.validate(self.ema)  # type: ignore[attr-defined]
+        self.history.setdefault("val_step", []).append(float(self.step))
+        for k, v in metrics.items():
+            self.history.setdefault(k, []).append(float(v))
+        line = (
+            f"[{self.task.name}] step {self.step} held-out: "
+            + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+            + f" ({time.perf_counter() - t:.1f}s)"
+        )
+        if bar is not None:
+            bar.write(line)
+        else:
+            print(line, flush=True)
+
     def export_only(self) -> Path:
         """Export the EMA weights of the latest checkpoint without training (e.g. to ship a run early)."""
         if not self.load():
@@ -214,6 +245,11 @@ class TrainLoop:
 
     # ----- the loop ----------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        every = self.run_cfg.eval_every
+        if every < 0:
+            raise FreqarError(f"run.eval_every must be >= 0, got {every}")
+        if every > 0 and not hasattr(self.task, "validate"):
+            raise FreqarError(f"run.eval_every: the '{self.task.name}' trainer has no held-out evaluation")
         if self.ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ctx.barrier()
@@ -278,6 +314,8 @@ class TrainLoop:
                         )
             if bar is not None:
                 bar.update(1)
+            if every > 0 and (self.step % every == 0 or self.step == total):
+                self.validate(bar)
             if self.step % self.run_cfg.ckpt_every == 0 or self.step == total:
                 self.save()
         if bar is not None:

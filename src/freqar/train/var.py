@@ -18,7 +18,7 @@ from ..models.var import VARConfig, VARTransformer
 from ..pipeline import Pipeline, SamplingDefaults
 from ..tokenizers.msvq import VQVAE
 from .config import VARTrainConfig
-from .data import DatasetError, ImageSet, batch_indices, step_generator, to_unit
+from .data import DatasetError, ImageSet, batch_indices, load_validation_set, step_generator, to_unit
 from .dist import DistContext
 from .tokenizer import load_tokenizer
 
@@ -106,6 +106,8 @@ class VARTask:
         self.module = model
         self.codes = self._codes(run_dir)
         self.splits = [p * p for p in self.tok.cfg.patch_nums]
+        self.val = load_validation_set(cfg.data, cfg.run.val_data, data) if cfg.run.eval_every > 0 else None
+        self._val_codes: torch.Tensor | None = None
 
     def _start_from(self, model: VARTransformer, folder: str) -> None:
         """Load ``var.init``'s transformer after checking it has this run's architecture and codes."""
@@ -164,6 +166,37 @@ class VARTask:
 
     def after_step(self, step: int, loop: Any) -> dict[str, float]:
         return {}
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        """Teacher-forced cross-entropy (all scales, true labels, no mirror) on the held-out images and on
+        as many training images (a fixed draw), and the last scale's accuracy on the held-out ones."""
+        assert self.val is not None
+        if self._val_codes is None:
+            self._val_codes = tokenize_images(self.tok, self.val.images, False)[0]
+            n = min(len(self.val), len(self.data))
+            g = torch.Generator().manual_seed(self.cfg.run.seed)
+            self._train_idx = torch.randperm(len(self.data), generator=g)[:n]
+        ti = self._train_idx
+        val_ce, val_acc = self._teacher_forced(model, self._val_codes, self.val.labels)
+        train_ce, _ = self._teacher_forced(model, self.codes[0][ti], self.data.labels[ti])
+        return {"val_loss": val_ce, "train_eval_loss": train_ce, "val_acc_last": val_acc}
+
+    def _teacher_forced(
+        self, model: nn.Module, codes_NL: torch.Tensor, labels: torch.Tensor, batch: int = 32
+    ) -> tuple[float, float]:
+        dev, V, last = self.ctx.device, self.var_cfg.vocab_size, self.splits[-1]
+        dev_type = "cuda" if str(dev).startswith("cuda") else "cpu"
+        ce_sum, acc_sum, n = 0.0, 0.0, codes_NL.shape[0]
+        for i in range(0, n, batch):
+            tgt = codes_NL[i : i + batch].long().to(dev)
+            x = self.tok.quantize.teacher_forcing_input(list(tgt.split(self.splits, dim=1)))
+            with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=self.cfg.var.amp):
+                logits = model(labels[i : i + batch].to(dev), x).float()
+            ce = F.cross_entropy(logits.reshape(-1, V), tgt.reshape(-1), reduction="none")
+            ce_sum += ce.view(tgt.shape).mean(dim=1).sum().item()
+            acc_sum += (logits[:, -last:].argmax(-1) == tgt[:, -last:]).float().mean(dim=1).sum().item()
+        return ce_sum / n, acc_sum / n
 
     def state_dict(self) -> dict[str, Any]:
         return {}
