@@ -54,6 +54,8 @@ def test_evaluate_writes_eval_json(tmp_path: Path) -> None:
     assert all(np.isfinite(res[k]) for k in ("fd", "fd_floor", "fd_ceiling", "kid", "precision", "recall"))
     assert list(data.glob("features-*.npz"))  # reference stats cached
     assert np.isfinite(res["fd_reconstruction"]) and "fd_reconstruction_normalized" in saved
+    assert 0.0 <= saved["class_accuracy"] <= 1.0 and 0.0 <= saved["class_accuracy_real"] <= 1.0
+    assert len(saved["class_accuracy_per_class"]) == 3  # the tiny data set's three shapes
 
 
 def test_eval_temperature_changes_var_samples(tmp_path: Path) -> None:
@@ -66,3 +68,32 @@ def test_eval_temperature_changes_var_samples(tmp_path: Path) -> None:
     same, _ = generate_samples(pipe, [0, 1], EvalSettings(samples=2, batch=2, temperature=1.0))
     cold, _ = generate_samples(pipe, [0, 1], EvalSettings(samples=2, batch=2, temperature=0.05))
     assert torch.equal(base, same) and not torch.equal(base, cold)
+
+
+def test_linear_probe_class_accuracy() -> None:
+    """Separable classes: the probe finds them (deterministically); shuffled labels score near chance;
+    an unlabelled data set gets no class accuracy."""
+    from freqar.eval.fid import LinearProbe
+    from freqar.eval.run import EvalSettings, ReferenceScorer
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(scale=4.0, size=(3, 16))
+    y = np.repeat(np.arange(3), 40)
+    x = centres[y] + rng.normal(size=(120, 16))
+    probe = LinearProbe(x, y)
+    acc, per = probe.accuracy(x, y)
+    assert acc == 1.0 and per == [1.0, 1.0, 1.0]
+    assert np.array_equal(probe.predict(x), LinearProbe(x, y).predict(x))
+    y_test = np.repeat(np.arange(3), 30)
+    x_test = centres[y_test] + rng.normal(size=(90, 16))
+    assert probe.accuracy(x_test, y_test)[0] > 0.95
+    assert probe.accuracy(x_test, rng.permutation(y_test))[0] < 0.6
+    assert probe.accuracy(x_test[:30], y_test[:30])[1][1:] == [None, None]  # classes with no images
+    ref = {"train": x, "train_labels": y, "heldout": x_test, "heldout_labels": y_test, "ceiling": x_test + 5}
+    sc = ReferenceScorer(ref, EvalSettings(kid_subsets=2, kid_subset_size=20))
+    r = sc.score(x_test, None, y_test)
+    assert r["class_accuracy"] > 0.95 and r["class_accuracy_real"] == r["class_accuracy"]
+    one = dict(ref, train_labels=np.zeros(120, dtype=np.int64))
+    assert "class_accuracy" not in ReferenceScorer(
+        one, EvalSettings(kid_subsets=2, kid_subset_size=20)
+    ).score(x_test, None, y_test)

@@ -122,6 +122,13 @@ def run(args: argparse.Namespace) -> int:
         f"IS-like {res['inception_like_score']:.2f}; "
         f"precision {res['precision']:.3f}, recall {res['recall']:.3f}"
     )
+    if res.get("class_accuracy") is not None:
+        real = res.get("class_accuracy_real")
+        print(
+            f"class accuracy {res['class_accuracy']:.3f} (a linear probe on the features, trained on "
+            "the train split; "
+            + (f"real held-out images {real:.3f})" if real is not None else "no held-out labels)")
+        )
     if res.get("fd_reconstruction") is not None:
         rn = res["fd_reconstruction_normalized"]
         print(

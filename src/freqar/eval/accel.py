@@ -336,7 +336,7 @@ def run_accel(
             "setting": s.label,
             "groups": s.groups,
             "knobs": resolved[j][1],
-            **scorer.score(feats, logits),
+            **scorer.score(feats, logits, labels),
             "seconds_per_image": (a.transformer_s + a.head_s + a.decode_s) / N,
             "transformer_seconds_per_image": a.transformer_s / N,
             **({"head_seconds_per_image": a.head_s / N} if far else {}),
@@ -576,12 +576,16 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     has_ci = all("fd_increase_ci95" in r for r in rows)
     split = " transformer / head / decode |" if far else ""
     ci_col = " 95% CI (paired bootstrap) |" if has_ci else ""
+    has_acc = all(r.get("class_accuracy") is not None for r in rows)
     lines = [
         f"| setting | FD | FD norm. | FD increase |{ci_col} KID | s/img (e2e) |{split} speed-up "
-        "| transformer speed-up | CPU speed-up | tokens | PSNR (dB) | SSIM | Pareto |",
+        "| transformer speed-up | CPU speed-up | tokens | PSNR (dB) | SSIM |"
+        + (" class acc. |" if has_acc else "")
+        + " Pareto |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         + ("---|" if far else "")
-        + ("---|" if has_ci else ""),
+        + ("---|" if has_ci else "")
+        + ("---|" if has_acc else ""),
     ]
     for r in rows:
         parts = ""
@@ -590,6 +594,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
                 f" {r['transformer_seconds_per_image']:.4f} / {r['head_seconds_per_image']:.4f} / "
                 f"{r['decode_seconds_per_image']:.4f} |"
             )
+        acc = f" {r['class_accuracy']:.3f} |" if has_acc else ""
         ci = ""
         if has_ci:
             lo, hi = r["fd_increase_ci95"]
@@ -600,7 +605,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             f" {r['kid']:.4f} | {r['seconds_per_image']:.4f} |{parts} {r['speedup_vs_dense']:.2f}x "
             f"| {r['transformer_speedup_vs_dense']:.2f}x | {r['cpu_speedup_vs_dense']:.2f}x "
             f"| {100 * r['token_fraction']:.1f}% "
-            f"| {r['psnr_db']:.2f} | {r['ssim']:.3f} | {'yes' if r['pareto'] else ''} |"
+            f"| {r['psnr_db']:.2f} | {r['ssim']:.3f} |{acc} {'yes' if r['pareto'] else ''} |"
         )
     return lines
 

@@ -146,6 +146,49 @@ def inception_like_score(logits: np.ndarray) -> float:
     return float(np.exp(kl.mean()))
 
 
+class LinearProbe:
+    """A multinomial logistic regression on standardised features of the labelled training images.
+
+    Why: a class-conditional model should make pictures of the class asked for. FD mixes all classes; the
+    probe's accuracy on generated images (against the labels they were generated for) measures whether the
+    class shows, and its accuracy on the real held-out images is the same question's ceiling. Full-batch
+    L-BFGS from zero weights: deterministic, no seed, about a second on the emoji set.
+    """
+
+    def __init__(self, feats: np.ndarray, labels: np.ndarray, weight_decay: float = 1e-3, iters: int = 100):
+        x = torch.from_numpy(np.asarray(feats, dtype=np.float32))
+        y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        self.num_classes = int(y.max()) + 1
+        self.mu, self.sd = x.mean(0), x.std(0).clamp_min(1e-6)
+        xs = (x - self.mu) / self.sd
+        self.w = torch.zeros(x.shape[1], self.num_classes, requires_grad=True)
+        self.b = torch.zeros(self.num_classes, requires_grad=True)
+        opt = torch.optim.LBFGS([self.w, self.b], lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(xs @ self.w + self.b, y) + weight_decay * self.w.square().sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            opt.step(closure)
+        self.w, self.b = self.w.detach(), self.b.detach()
+
+    def predict(self, feats: np.ndarray) -> np.ndarray:
+        x = (torch.from_numpy(np.asarray(feats, dtype=np.float32)) - self.mu) / self.sd
+        return (x @ self.w + self.b).argmax(dim=1).numpy()
+
+    def accuracy(self, feats: np.ndarray, labels: np.ndarray) -> tuple[float, list[float | None]]:
+        """Overall accuracy and, per class id, the accuracy over the images of that class (None: none)."""
+        labels = np.asarray(labels)
+        hit = self.predict(feats) == labels
+        per = [
+            float(hit[labels == c].mean()) if (labels == c).any() else None for c in range(self.num_classes)
+        ]
+        return float(hit.mean()), per
+
+
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
     """k-NN manifold precision (fakes inside some real k-NN ball) and recall (reals inside fake balls)."""
 

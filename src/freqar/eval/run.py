@@ -23,6 +23,7 @@ from ..train.data import load_manifest_dataset
 from .fid import (
     EvalError,
     FeatureNet,
+    LinearProbe,
     degrade,
     extract,
     frechet_distance,
@@ -57,12 +58,15 @@ def reference_features(data: Path, net: FeatureNet, cache: Path | None = None) -
     path = (cache or data) / f"features-{net.name}-{h}.npz"
     if path.is_file():
         with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+            ref = {k: z[k] for k in z.files}
+        ref.setdefault("heldout_labels", held.labels.numpy())  # caches written before it was stored
+        return ref
     ref: dict[str, np.ndarray] = {}
     ref["train"], _ = extract(net, train.images)
     ref["heldout"], ref["heldout_logits"] = extract(net, held.images)
     ref["ceiling"], _ = extract(net, degrade(held.images))
     ref["train_labels"] = train.labels.numpy()
+    ref["heldout_labels"] = held.labels.numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
@@ -115,6 +119,23 @@ class ReferenceScorer:
         self.mu, self.sigma = stats(ref["train"])
         self.sigma_half = psd_sqrt(self.sigma)
         self._bounds: dict[int, dict] = {}
+        self._probe: LinearProbe | None = None
+
+    def class_accuracy(self, feats: np.ndarray, labels: list[int] | np.ndarray) -> dict | None:
+        """The linear probe's accuracy on ``feats`` against the labels they were generated for, beside its
+        accuracy on the real held-out images; None for an unlabelled data set (one class)."""
+        ref = self.ref
+        if "train_labels" not in ref or int(np.max(ref["train_labels"])) < 1:
+            return None
+        if self._probe is None:
+            self._probe = LinearProbe(ref["train"], ref["train_labels"])
+        acc, per = self._probe.accuracy(feats, np.asarray(labels))
+        out: dict = {"class_accuracy": acc, "class_accuracy_per_class": per}
+        if "heldout_labels" in ref:
+            out["class_accuracy_real"], out["class_accuracy_real_per_class"] = self._probe.accuracy(
+                ref["heldout"], ref["heldout_labels"]
+            )
+        return out
 
     def fd_to_train(self, feats: np.ndarray) -> float:
         return frechet_distance(self.mu, self.sigma, *stats(feats), s1_half=self.sigma_half)
@@ -140,7 +161,9 @@ class ReferenceScorer:
             }
         return self._bounds[n_ref]
 
-    def score(self, feats: np.ndarray, logits: np.ndarray | None) -> dict:
+    def score(
+        self, feats: np.ndarray, logits: np.ndarray | None, labels: list[int] | np.ndarray | None = None
+    ) -> dict:
         """FD/KID against the train split with floor, ceiling and normalised FD, IS-like, precision/recall.
 
         Floor/ceiling use as many images as the held-out split has (at most the sample count), and the
@@ -169,6 +192,8 @@ class ReferenceScorer:
         span = res["fd_ceiling"] - res["fd_floor"]
         res["fd_normalized"] = (res["fd_at_floor_count"] - res["fd_floor"]) / span if span > 0 else None
         res["floor_ceiling_count"] = int(n_ref)
+        if labels is not None:
+            res.update(self.class_accuracy(feats, labels) or {})
         return res
 
 
@@ -195,7 +220,7 @@ def evaluate(
     imgs, sec_per_img = generate_samples(pipe, labels, settings)
     feats, logits = extract(net, imgs)
     scorer = ReferenceScorer(ref, settings)
-    res = scorer.score(feats, logits)
+    res = scorer.score(feats, logits, labels)
     rec = reconstructions(pipe, load_manifest_dataset(data, "heldout").images, settings.batch)
     if rec is not None:  # the tokenizer's own bound: no transformer on this tokenizer can score below it
         b = scorer.bounds(rec.shape[0])
