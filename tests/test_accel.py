@@ -186,6 +186,8 @@ def test_paired_bootstrap_interval() -> None:
     assert cis[0] == [0.0, 0.0] and cis[1] == [0.0, 0.0]
     assert cis[2][0] > 0.5, "the shift raises FD in every resample"
     assert cis[3][0] < cis[3][1] and cis[3][1] < cis[2][0]
+    for f, (lo, hi) in zip([worse, near], cis[2:], strict=True):  # centred on the measured increase
+        assert lo <= to_train(f) / to_train(dense) - 1.0 <= hi
     assert cis == paired_fd_increase_ci([dense, same, worse, near], to_train, reps=60, seed=1)
     with pytest.raises(ValueError):
         paired_fd_increase_ci([dense, dense[:10]], to_train, reps=5)

@@ -439,14 +439,17 @@ def paired_fd_increase_ci(
     log: Callable[[str], None] | None = None,
     level: float = 0.95,
 ) -> list[list[float]]:
-    """Percentile interval of FD(row)/FD(dense) - 1 under a paired bootstrap over the generated samples.
+    """95% interval of FD(row)/FD(dense) - 1 from a paired bootstrap over the generated samples.
 
     Why paired: every row generated the same labels with the same seeds (the noise row: the same labels),
     so sample i of a row is sample i of dense with the policy applied. Resampling the same indices in all
     rows keeps that pairing, and the interval measures how far the *difference* moves with the sample
     draw, which is much narrower than the seed-to-seed spread of FD itself. ``feats[0]`` is dense, whose
-    interval is [0, 0] by construction. With-replacement draws bias each FD up a little, alike for all
-    rows, so the ratio is what is bootstrapped, not FD.
+    interval is [0, 0] by construction. With-replacement draws repeat samples, which inflates every FD and
+    pulls the bootstrapped ratio towards 0 (at 1,000 emoji samples, +49% FD bootstraps to a median of
+    +46%), while its spread matches that of fresh draws (checked on Gaussian features): so the interval
+    keeps the bootstrap's spread but is centred on the measured increase (percentiles shifted by the
+    point estimate minus the bootstrap median).
     """
     n = feats[0].shape[0]
     if any(f.shape[0] != n for f in feats):
@@ -459,8 +462,11 @@ def paired_fd_increase_ci(
         draws[b] = [0.0] + [fd_to_train(f[idx]) / d - 1.0 for f in feats[1:]]
         if log is not None and (b + 1) % max(1, reps // 5) == 0:
             log(f"bootstrap {b + 1}/{reps}")
-    lo, hi = np.percentile(draws, [50 * (1 - level), 50 * (1 + level)], axis=0)
-    return [[float(a), float(c)] for a, c in zip(lo, hi, strict=True)]
+    full = fd_to_train(feats[0])
+    point = np.array([0.0] + [fd_to_train(f) / full - 1.0 for f in feats[1:]])
+    lo, med, hi = np.percentile(draws, [50 * (1 - level), 50, 50 * (1 + level)], axis=0)
+    shift = point - med
+    return [[float(a + d), float(c + d)] for a, c, d in zip(lo, hi, shift, strict=True)]
 
 
 def fd_verdict(ci: list[float] | None, fd_tol: float) -> str | None:
