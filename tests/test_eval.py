@@ -56,6 +56,7 @@ def test_evaluate_writes_eval_json(tmp_path: Path) -> None:
     assert np.isfinite(res["fd_reconstruction"]) and "fd_reconstruction_normalized" in saved
     assert 0.0 <= saved["class_accuracy"] <= 1.0 and 0.0 <= saved["class_accuracy_real"] <= 1.0
     assert len(saved["class_accuracy_per_class"]) == 3  # the tiny data set's three shapes
+    assert (tmp_path / "out" / "samples_by_class.png").is_file()
 
 
 def test_eval_temperature_changes_var_samples(tmp_path: Path) -> None:

@@ -244,6 +244,7 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "eval.json", res)
     _save_preview(imgs[:64], out / "samples.png")
+    _save_by_class(pipe, imgs, labels, res.get("class_accuracy_per_class"), out / "samples_by_class.png")
     return res
 
 
@@ -272,6 +273,30 @@ def reconstructions(pipe: Pipeline, images_BHWC: torch.Tensor, batch: int = 25) 
     dev = pipe.device
     out = [roundtrip(x[i : i + batch].to(dev)).float().cpu() for i in range(0, x.shape[0], max(batch, 1))]
     return torch.cat(out).add(1).div(2).clamp(0, 1)
+
+
+def _save_by_class(
+    pipe: Pipeline, imgs: torch.Tensor, labels: list[int], acc: list | None, path: Path, per_row: int = 8
+) -> None:
+    """The evaluated samples, one row per class (the first ``per_row`` of each), labelled with the class
+    name and the probe's class accuracy: which categories come out recognisable, at a glance."""
+    from ..train.samples import labelled_rows
+
+    names = pipe.class_names or [str(c) for c in range(pipe.num_classes)]
+    lab = torch.tensor(labels)
+    rows, row_names = [], []
+    for c in range(len(names)):
+        idx = (lab == c).nonzero().flatten()[:per_row]
+        if idx.numel() == 0:
+            continue
+        rows.append(imgs[idx])
+        a = acc[c] if acc is not None and c < len(acc) else None
+        row_names.append(names[c] + (f"\nacc {a:.2f}" if a is not None else ""))
+    if not rows:
+        return
+    canvas = labelled_rows(rows, row_names, per_row)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
 
 
 def _save_preview(imgs: torch.Tensor, path: Path) -> None:
