@@ -83,11 +83,20 @@ def test_study_runs_end_to_end(pipe: Pipeline, tmp_path: Path, monkeypatch) -> N
     model = pipe.save(tmp_path / "model")
     out = tmp_path / "study"
     args = ["study", "--quick", "--model", str(model), "--data", str(data), "--out", str(out)]
-    assert main([*args, "--samples", "4", "--batch", "4", "--calibration-samples", "8"]) == 0
+    opts = ["--samples", "4", "--batch", "4", "--calibration-samples", "8", "--bootstrap", "3"]
+    assert main([*args, *opts]) == 0
     rep = json.loads((out / "study.json").read_text())
     rows = rep["results"]
     for r in rows:
-        for k in ("method", "knobs", "speedup_vs_dense", "fd_increase", "groups", "pareto"):
+        for k in (
+            "method",
+            "knobs",
+            "speedup_vs_dense",
+            "fd_increase",
+            "groups",
+            "pareto",
+            "fd_increase_ci95",
+        ):
             assert k in r
     methods = {r["method"] for r in rows}
     assert {"dense", "sparsevar", "sparsevar+skip", "skip", "fastvar", "fastvar+skip"} <= methods

@@ -145,8 +145,10 @@ def run_study(
     seed: int = 0,
     cache: Path | None = None,
     log: Callable[[str], None] | None = None,
+    bootstrap: int = 0,
 ) -> dict[str, Any]:
-    """Calibrate s, run every setting on the same labels and seeds, and summarise against the targets."""
+    """Calibrate s, run every setting on the same labels and seeds, and summarise against the targets
+    (``bootstrap`` > 0: each FD increase also gets a paired-bootstrap 95% interval)."""
     if plan.samples < 2:
         raise InvalidOption(f"study samples must be >= 2, got {plan.samples}")
     t0 = time.perf_counter()
@@ -158,7 +160,9 @@ def run_study(
         )
     settings = plan_settings(plan, len(pipe.tokenizer.stage_grids()), pipe.transformer.depth, cal["block"])
     es = EvalSettings(samples=plan.samples, seed=seed, batch=plan.batch, kid_subsets=20)
-    report = run_accel(pipe, data, settings, es, net, cache, calibrated=cal["block"], log=log)
+    report = run_accel(
+        pipe, data, settings, es, net, cache, calibrated=cal["block"], log=log, bootstrap=bootstrap
+    )
     for r in report["results"]:
         if r["method"] == "dense":
             r["groups"] = ["dense"]
