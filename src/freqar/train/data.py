@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..errors import FreqarError
 from .config import DataConfig
@@ -184,6 +187,42 @@ def load_validation_set(cfg: DataConfig, val_data: str, train: ImageSet) -> Imag
             f"{train.class_names[:4]}"
         )
     return ds
+
+
+def train_eval_indices(train: ImageSet, val: ImageSet, seed: int) -> torch.Tensor:
+    """As many training images as the held-out set has (a fixed draw): the held-out loss's comparison."""
+    n = min(len(val), len(train))
+    return torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
+
+
+@torch.no_grad()
+def reconstruction_scores(
+    reconstruct: Callable[[torch.Tensor], torch.Tensor],
+    val: ImageSet,
+    train: ImageSet,
+    seed: int,
+    l1_weight: float,
+    device: str,
+    batch: int = 32,
+) -> dict[str, float]:
+    """The autoencoders' held-out evaluation: MSE + ``l1_weight``·L1 of ``reconstruct`` (images in [-1, 1])
+    on the held-out images and on as many training images, and the held-out PSNR."""
+
+    def loss_and_mse(images: torch.Tensor) -> tuple[float, float]:
+        loss_sum, mse_sum = 0.0, 0.0
+        for i in range(0, images.shape[0], batch):
+            x = to_unit(images[i : i + batch]).to(device)
+            rec = reconstruct(x)
+            mse = F.mse_loss(rec, x, reduction="none").flatten(1).mean(1)
+            l1 = F.l1_loss(rec, x, reduction="none").flatten(1).mean(1)
+            loss_sum += (mse + l1_weight * l1).sum().item()
+            mse_sum += mse.sum().item()
+        return loss_sum / images.shape[0], mse_sum / images.shape[0]
+
+    val_loss, val_mse = loss_and_mse(val.images)
+    train_loss, _ = loss_and_mse(train.images[train_eval_indices(train, val, seed)])
+    psnr = -10 * math.log10(val_mse / 4 + 1e-12)  # images span [-1, 1]: peak-to-peak 2
+    return {"val_loss": val_loss, "train_eval_loss": train_loss, "val_psnr": psnr}
 
 
 def to_unit(images_BHWC: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,15 @@ from ..models.far import FARConfig, FARTransformer
 from ..models.far_pipeline import FARDefaults, FARPipeline
 from ..tokenizers.kl import AutoencoderKL
 from .config import DataConfig, OptimConfig, RunConfig
-from .data import DatasetError, ImageSet, batch_indices, load_validation_set, step_generator, to_unit
+from .data import (
+    DatasetError,
+    ImageSet,
+    batch_indices,
+    load_validation_set,
+    step_generator,
+    to_unit,
+    train_eval_indices,
+)
 from .dist import DistContext
 from .kl import kl_fingerprint, load_kl
 
@@ -234,9 +242,7 @@ class FARTask:
         assert self.val is not None
         if self._val_moments is None:
             self._val_moments = encode_moments(self.vae, self.val.images, False)[0]
-            n = min(len(self.val), len(self.data))
-            g = torch.Generator().manual_seed(self.cfg.run.seed)
-            self._train_idx = torch.randperm(len(self.data), generator=g)[:n]
+            self._train_idx = train_eval_indices(self.data, self.val, self.cfg.run.seed)
         ti = self._train_idx
         return {
             "val_loss": self._diffusion_loss(model, self._val_moments, self.val.labels),

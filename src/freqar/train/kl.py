@@ -12,7 +12,6 @@ kl16), so FAR trains on roughly unit-variance latents.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,14 @@ from ..io import (
 )
 from ..tokenizers.kl import AutoencoderKL, KLConfig
 from .config import DataConfig, OptimConfig, RunConfig, to_dict
-from .data import ImageSet, batch_indices, load_validation_set, step_generator, to_unit
+from .data import (
+    ImageSet,
+    batch_indices,
+    load_validation_set,
+    reconstruction_scores,
+    step_generator,
+    to_unit,
+)
 from .dist import DistContext
 
 KL_FORMAT = "freqar-kl/1"
@@ -201,29 +207,16 @@ class KLTask:
         )
         return loss, logs, x.shape[0]
 
-    @torch.no_grad()
     def validate(self, model: nn.Module) -> dict[str, float]:
         """Reconstruction loss (MSE + L1 weight·L1) and PSNR of the posterior mode on the held-out images,
-        and the same loss on as many training images (a fixed draw)."""
+        and the same loss on as many training images."""
         assert self.val is not None
-        n = min(len(self.val), len(self.data))
-        ti = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.cfg.run.seed))[:n]
-        val_loss, val_mse = self._recon(model, self.val.images)
-        train_loss, _ = self._recon(model, self.data.images[ti])
-        psnr = -10 * math.log10(val_mse / 4 + 1e-12)  # images span [-1, 1]: peak-to-peak 2
-        return {"val_loss": val_loss, "train_eval_loss": train_loss, "val_psnr": psnr}
+        c, side, C = self.cfg, self.vae_cfg.latent_side, self.vae_cfg.embed_dim
 
-    def _recon(self, model: nn.Module, images: torch.Tensor, batch: int = 32) -> tuple[float, float]:
-        loss_sum, mse_sum = 0.0, 0.0
-        side, C = self.vae_cfg.latent_side, self.vae_cfg.embed_dim
-        for i in range(0, images.shape[0], batch):
-            x = to_unit(images[i : i + batch]).to(self.ctx.device)
-            rec = model(x, x.new_zeros(x.shape[0], C, side, side))[0]  # zero noise: the posterior mean
-            mse = F.mse_loss(rec, x, reduction="none").flatten(1).mean(1)
-            l1 = F.l1_loss(rec, x, reduction="none").flatten(1).mean(1)
-            loss_sum += (mse + self.cfg.loss.l1_weight * l1).sum().item()
-            mse_sum += mse.sum().item()
-        return loss_sum / images.shape[0], mse_sum / images.shape[0]
+        def mode(x: torch.Tensor) -> torch.Tensor:  # zero noise: the posterior mean
+            return model(x, x.new_zeros(x.shape[0], C, side, side))[0]
+
+        return reconstruction_scores(mode, self.val, self.data, c.run.seed, c.loss.l1_weight, self.ctx.device)
 
     def after_step(self, step: int, loop: Any) -> dict[str, float]:
         return {}

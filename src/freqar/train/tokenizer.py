@@ -7,7 +7,6 @@ weight beta), and the decoder sees ``f_hat`` through a straight-through estimato
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,14 @@ from ..errors import CheckpointMismatch
 from ..io import load_safetensors, load_state_dict_strict, read_json, save_safetensors, write_json
 from ..tokenizers.msvq import VQVAE, MSVQConfig
 from .config import TokenizerTrainConfig, to_dict
-from .data import ImageSet, batch_indices, load_validation_set, step_generator, to_unit
+from .data import (
+    ImageSet,
+    batch_indices,
+    load_validation_set,
+    reconstruction_scores,
+    step_generator,
+    to_unit,
+)
 from .dist import DistContext, all_reduce_sum, broadcast
 
 TOKENIZER_FORMAT = "freqar-tokenizer/1"
@@ -172,29 +178,14 @@ class TokenizerTask:
         logs.update(psnr=psnr.item(), vq=vq.item(), used=self.active_fraction())
         return loss, logs, x.shape[0]
 
-    @torch.no_grad()
     def validate(self, model: nn.Module) -> dict[str, float]:
         """Reconstruction loss (MSE + L1 weight·L1, no perceptual term) and PSNR of the held-out images, and
-        the same loss on as many training images (a fixed draw)."""
+        the same loss on as many training images."""
         assert self.val is not None
-        n = min(len(self.val), len(self.data))
-        g = torch.Generator().manual_seed(self.cfg.run.seed)
-        ti = torch.randperm(len(self.data), generator=g)[:n]
-        val_loss, val_mse = self._recon(model, self.val.images)
-        train_loss, _ = self._recon(model, self.data.images[ti])
-        psnr = -10 * math.log10(val_mse / 4 + 1e-12)  # images span [-1, 1]: peak-to-peak 2
-        return {"val_loss": val_loss, "train_eval_loss": train_loss, "val_psnr": psnr}
-
-    def _recon(self, model: nn.Module, images: torch.Tensor, batch: int = 32) -> tuple[float, float]:
-        loss_sum, mse_sum = 0.0, 0.0
-        for i in range(0, images.shape[0], batch):
-            x = to_unit(images[i : i + batch]).to(self.ctx.device)
-            rec = model(x)[0]
-            mse = F.mse_loss(rec, x, reduction="none").flatten(1).mean(1)
-            l1 = F.l1_loss(rec, x, reduction="none").flatten(1).mean(1)
-            loss_sum += (mse + self.cfg.loss.l1_weight * l1).sum().item()
-            mse_sum += mse.sum().item()
-        return loss_sum / images.shape[0], mse_sum / images.shape[0]
+        c = self.cfg
+        return reconstruction_scores(
+            lambda x: model(x)[0], self.val, self.data, c.run.seed, c.loss.l1_weight, self.ctx.device
+        )
 
     def active_fraction(self) -> float:
         return (self.usage >= self.cfg.loss.restart_threshold).float().mean().item()

@@ -18,7 +18,15 @@ from ..models.var import VARConfig, VARTransformer
 from ..pipeline import Pipeline, SamplingDefaults
 from ..tokenizers.msvq import VQVAE
 from .config import VARTrainConfig
-from .data import DatasetError, ImageSet, batch_indices, load_validation_set, step_generator, to_unit
+from .data import (
+    DatasetError,
+    ImageSet,
+    batch_indices,
+    load_validation_set,
+    step_generator,
+    to_unit,
+    train_eval_indices,
+)
 from .dist import DistContext
 from .tokenizer import load_tokenizer
 
@@ -174,9 +182,7 @@ class VARTask:
         assert self.val is not None
         if self._val_codes is None:
             self._val_codes = tokenize_images(self.tok, self.val.images, False)[0]
-            n = min(len(self.val), len(self.data))
-            g = torch.Generator().manual_seed(self.cfg.run.seed)
-            self._train_idx = torch.randperm(len(self.data), generator=g)[:n]
+            self._train_idx = train_eval_indices(self.data, self.val, self.cfg.run.seed)
         ti = self._train_idx
         val_ce, val_acc = self._teacher_forced(model, self._val_codes, self.val.labels)
         train_ce, _ = self._teacher_forced(model, self.codes[0][ti], self.data.labels[ti])
