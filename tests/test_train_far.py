@@ -270,6 +270,64 @@ def test_kl_decoder_only_keeps_latents_and_scale(tmp_path: Path, data_dir: Path,
         train_kl(dataclasses.replace(cfg, init=KLInit(decoder_only=True)), tmp_path / "x", progress=False)
 
 
+def test_kl_wider_decoder_on_frozen_latents(tmp_path: Path, data_dir: Path, trained_kl: Path) -> None:
+    """A decoder-only run may change the decoder's width and depth: encoder, latents and scale stay; the new
+    decoder starts fresh and learns; it swaps into a FAR export, which saves and reloads with it."""
+    import dataclasses
+
+    from freqar.errors import CheckpointMismatch, InvalidOption
+    from freqar.models.far_pipeline import load_far_dir
+    from freqar.tokenizers.kl import KLConfig
+    from freqar.train.data import load_dataset, load_manifest_dataset, to_unit
+    from freqar.train.decoder_swap import swap_decoder
+    from freqar.train.dist import DistContext
+    from freqar.train.kl import KLInit, KLTask
+
+    base = kl_cfg(data_dir, steps=6)
+    model = dataclasses.replace(base.model, decoder_ch=16, decoder_num_res_blocks=2)
+    cfg = dataclasses.replace(base, model=model, init=KLInit(path=str(trained_kl), decoder_only=True))
+    task = KLTask(cfg, load_dataset(cfg.data), DistContext())
+    start = load_kl(trained_kl)
+    assert torch.equal(task.module.vae.post_quant_conv.weight, start.post_quant_conv.weight)
+    train_kl(cfg, tmp_path / "wide", progress=False)
+    wide = load_kl(tmp_path / "wide")
+    assert wide.cfg.decoder_ch == 16 and wide.cfg.decoder_num_res_blocks == 2
+    assert wide.cfg.scale_factor == start.cfg.scale_factor
+    n_dec = sum(p.numel() for p in wide.decoder.parameters())
+    assert n_dec > 2 * sum(p.numel() for p in start.decoder.parameters())
+    x = to_unit(load_manifest_dataset(data_dir, "train").images[:4])
+    assert torch.equal(wide.encode(x), start.encode(x))
+    assert wide.decode(wide.encode(x)).shape == x.shape
+    # without decoder_only a different decoder is another autoencoder
+    with pytest.raises(CheckpointMismatch, match="different autoencoder"):
+        plain = dataclasses.replace(cfg, init=KLInit(path=str(trained_kl)))
+        KLTask(plain, load_dataset(cfg.data), DistContext())
+    # a deeper decoder of the same width starts exactly where the trained one ends
+    deeper = dataclasses.replace(base.model, decoder_num_res_blocks=3)
+    grown = KLTask(
+        dataclasses.replace(base, model=deeper, init=KLInit(path=str(trained_kl), decoder_only=True)),
+        load_dataset(cfg.data),
+        DistContext(),
+    ).module.vae
+    assert len(grown.decoder.up[0].block) == 4 and len(start.decoder.up[0].block) == 2
+    with torch.no_grad():
+        mean = start.posterior(start.moments(x))[0]  # unscaled: the task's config has no scale until export
+        want = start.decoder(start.post_quant_conv(mean))
+        assert torch.allclose(grown.decoder(grown.post_quant_conv(mean)), want, atol=1e-5)
+    # the unchanged fields are left out of the config, so older exports keep their fingerprint
+    assert "decoder_ch" not in start.cfg.to_dict() and wide.cfg.to_dict()["decoder_ch"] == 16
+    with pytest.raises(InvalidOption, match="decoder_ch"):
+        KLConfig(ch=8, groupnorm_groups=4, decoder_ch=10)
+    # swapped into a FAR model trained on the narrow decoder's latents: saved and reloaded intact
+    first = train_far(far_cfg(data_dir, trained_kl, steps=2), tmp_path / "far", progress=False)
+    pipe = load_far_dir(first.export)
+    swap_decoder(pipe.vae, wide, "wide")
+    assert pipe.vae.cfg.decoder_ch == 16
+    out = pipe.generate([0, 1], seed=0).images
+    again = load_far_dir(pipe.save(tmp_path / "far-wide"))
+    assert again.vae.cfg.decoder_ch == 16 and torch.equal(again.generate([0, 1], seed=0).images, out)
+
+
 def _far_ddp_worker(rank: int, world: int, port: int, data: str, kl: str, out: str, res: str) -> None:
     """One rank of a 2-process gloo FAR run; saves its live (not checkpointed) model for comparison."""
     import os

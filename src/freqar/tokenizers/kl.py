@@ -36,12 +36,23 @@ class KLConfig:
     out_ch: int = 3
     scale_factor: float = 0.2325
     logvar_clamp: tuple[float, float] = (-30.0, 20.0)
+    # Decoder shape when it differs from the encoder's (None = the same): a wider or deeper decoder trained
+    # on a frozen encoder renders the same latents better, so a FAR model trained on them stays valid.
+    decoder_ch: int | None = None
+    decoder_num_res_blocks: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("ch_mult", "encoder_attn_resolutions", "decoder_attn_resolutions", "logvar_clamp"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if not self.ch_mult or self.ch < 1 or self.embed_dim < 1 or self.num_res_blocks < 0:
             raise InvalidOption("KL autoencoder needs ch >= 1, embed_dim >= 1 and a non-empty ch_mult")
+        if self.decoder_ch is not None and (self.decoder_ch < 1 or self.decoder_ch % self.groupnorm_groups):
+            raise InvalidOption(
+                f"KL decoder_ch must be a positive multiple of groupnorm_groups ({self.groupnorm_groups}), "
+                f"got {self.decoder_ch}"
+            )
+        if self.decoder_num_res_blocks is not None and self.decoder_num_res_blocks < 0:
+            raise InvalidOption(f"KL decoder_num_res_blocks must be >= 0, got {self.decoder_num_res_blocks}")
         if self.resolution % self.downsample:
             raise InvalidOption(
                 f"resolution {self.resolution} is not divisible by the stride {self.downsample}"
@@ -52,11 +63,25 @@ class KLConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
     @property
+    def dec_ch(self) -> int:
+        return self.ch if self.decoder_ch is None else self.decoder_ch
+
+    @property
+    def dec_res_blocks(self) -> int:
+        return self.num_res_blocks if self.decoder_num_res_blocks is None else self.decoder_num_res_blocks
+
+    @property
     def latent_side(self) -> int:
         return self.resolution // self.downsample
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Fields as JSON; decoder fields left at None are omitted, so configs (and the fingerprints that
+        key cached latents) of autoencoders without them are unchanged."""
+        d = asdict(self)
+        for k in ("decoder_ch", "decoder_num_res_blocks"):
+            if d[k] is None:
+                del d[k]
+        return d
 
 
 class AttnBlock(nn.Module):
@@ -116,7 +141,7 @@ class KLDecoder(UpPath):
 
     def __init__(self, cfg: KLConfig) -> None:
         super().__init__()
-        g, ch, n = cfg.groupnorm_groups, cfg.ch, len(cfg.ch_mult)
+        g, ch, n = cfg.groupnorm_groups, cfg.dec_ch, len(cfg.ch_mult)
         c = ch * cfg.ch_mult[-1]
         res = cfg.latent_side
         self.conv_in = nn.Conv2d(cfg.embed_dim, c, 3, 1, 1)
@@ -125,7 +150,7 @@ class KLDecoder(UpPath):
         for i in reversed(range(n)):
             c_out = ch * cfg.ch_mult[i]
             level = ResLevel([], [])
-            for _ in range(cfg.num_res_blocks + 1):
+            for _ in range(cfg.dec_res_blocks + 1):
                 level.block.append(ResnetBlock(c, c_out, cfg.dropout, g))
                 c = c_out
                 if res in cfg.decoder_attn_resolutions:

@@ -42,6 +42,8 @@ from .data import (
 from .dist import DistContext
 
 KL_FORMAT = "freqar-kl/1"
+# KLConfig fields that only shape the decoder (free to change in a decoder-only run)
+DECODER_SHAPE = ("decoder_ch", "decoder_num_res_blocks", "decoder_attn_resolutions")
 
 
 @dataclass
@@ -56,6 +58,8 @@ class KLModelConfig:
     decoder_attn_resolutions: list[int] = field(default_factory=list)
     groupnorm_groups: int = 8
     logvar_init: float = -6.0  # initial posterior log-variance (bias of quant_conv's logvar half)
+    decoder_ch: int = 0  # decoder width when it differs from the encoder's (0 = ch)
+    decoder_num_res_blocks: int = -1  # decoder depth per level when it differs (-1 = num_res_blocks)
 
 
 @dataclass
@@ -102,7 +106,39 @@ def kl_config(cfg: KLTrainConfig, scale_factor: float = 1.0) -> KLConfig:
         decoder_attn_resolutions=tuple(m.decoder_attn_resolutions),
         groupnorm_groups=m.groupnorm_groups,
         scale_factor=scale_factor,
+        decoder_ch=m.decoder_ch if m.decoder_ch > 0 and m.decoder_ch != m.ch else None,
+        decoder_num_res_blocks=(
+            m.decoder_num_res_blocks
+            if m.decoder_num_res_blocks >= 0 and m.decoder_num_res_blocks != m.num_res_blocks
+            else None
+        ),
     )
+
+
+def grow_decoder(vae: AutoencoderKL, start: AutoencoderKL) -> None:
+    """Start ``vae`` from ``start`` when only their decoders differ in shape.
+
+    Everything outside the decoder loads as is. A deeper decoder of the same width (more res blocks per
+    level) keeps every trained block and starts each new one as the identity (its last conv zeroed; the
+    residual path carries the input), so it begins exactly where ``start`` ends and only improves on it.
+    A decoder of another width cannot reuse the trained one and starts from its fresh initialisation.
+    """
+    mine = vae.state_dict()
+    state = {k: v for k, v in start.state_dict().items() if k in mine and mine[k].shape == v.shape}
+    if vae.cfg.dec_ch != start.cfg.dec_ch:
+        state = {k: v for k, v in state.items() if not k.startswith("decoder.")}
+    missing, unexpected = vae.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("decoder.") for k in missing)
+    if vae.cfg.dec_ch != start.cfg.dec_ch:
+        return
+    fresh = {k.rsplit(".", 2)[0] for k in missing}  # the new blocks: decoder.up.{i}.block.{j} / .attn.{j}
+    with torch.no_grad():
+        for name, module in vae.named_modules():
+            if name in fresh:
+                out = getattr(module, "conv2", None) or getattr(module, "proj_out", None)
+                if out is not None:
+                    out.weight.zero_()
+                    out.bias.zero_()
 
 
 class KLTrainModule(nn.Module):
@@ -158,13 +194,22 @@ class KLTask:
         self.fixed_scale: float | None = None
         if cfg.init.path:
             start = load_kl(cfg.init.path)
-            mine = {k: v for k, v in self.vae_cfg.to_dict().items() if k != "scale_factor"}
-            if {k: v for k, v in start.cfg.to_dict().items() if k != "scale_factor"} != mine:
+            # a decoder-only run may give the decoder another shape: it then starts fresh on frozen latents
+            free = {"scale_factor"} | (set(DECODER_SHAPE) if cfg.init.decoder_only else set())
+            mine = {k: v for k, v in self.vae_cfg.to_dict().items() if k not in free}
+            if {k: v for k, v in start.cfg.to_dict().items() if k not in free} != mine:
                 raise CheckpointMismatch(
                     f"init.path '{cfg.init.path}' is a different autoencoder than model.* describes; "
                     "copy its model section into the config"
                 )
-            vae.load_state_dict(start.state_dict())
+            same_decoder = (
+                all(getattr(start.cfg, k) == getattr(self.vae_cfg, k) for k in ("dec_ch", "dec_res_blocks"))
+                and start.cfg.decoder_attn_resolutions == self.vae_cfg.decoder_attn_resolutions
+            )
+            if same_decoder:
+                vae.load_state_dict(start.state_dict())
+            else:
+                grow_decoder(vae, start)
             if cfg.init.decoder_only:  # same encoder, same latent scale: keep it exactly
                 self.fixed_scale = start.cfg.scale_factor
         self.module = KLTrainModule(vae, decoder_only=cfg.init.decoder_only)
