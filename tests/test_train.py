@@ -102,9 +102,17 @@ def test_var_init_starts_a_second_phase(tmp_path: Path, data_dir: Path, trained_
     task = VARTask(cfg, load_dataset(cfg.data), DistContext(), tmp_path / "p2")
     want = load_pipeline_dir(first.export).transformer.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in task.module.state_dict().items())
-    deeper = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, depth=cfg.model.depth + 1))
+    # a deeper model grows from the export: the new blocks start as the identity (same loss at start)
+    deeper = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, depth=cfg.model.depth + 2))
+    grown = VARTask(deeper, load_dataset(cfg.data), DistContext(), tmp_path / "p3")
+    assert len(grown.module.blocks) == len(task.module.blocks) + 2
+    with torch.no_grad():
+        a = task.compute_loss(task.module.eval(), 0)[0]
+        b = grown.compute_loss(grown.module.eval(), 0)[0]
+    assert torch.allclose(a, b, atol=1e-5)
+    wider = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, embed_dim=cfg.model.embed_dim * 2))
     with pytest.raises(CheckpointMismatch, match="different transformer"):
-        VARTask(deeper, load_dataset(cfg.data), DistContext(), tmp_path / "p3")
+        VARTask(wider, load_dataset(cfg.data), DistContext(), tmp_path / "p4")
 
 
 def test_resume_matches_uninterrupted(tmp_path: Path, data_dir: Path) -> None:

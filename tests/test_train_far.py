@@ -397,6 +397,20 @@ def test_far_init_starts_a_second_phase(tmp_path: Path, data_dir: Path, trained_
     task = FARTask(cfg, load_dataset(cfg.data), DistContext(), tmp_path / "p2")
     want = load_far_dir(first.export).transformer.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in task.module.state_dict().items())
+    # deeper (more encoder, decoder and diffusion blocks of the same width): grown, same function at start
+    deeper = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, encoder_depth=2, decoder_depth=3, diffloss_d=2)
+    )
+    grown = FARTask(deeper, load_dataset(cfg.data), DistContext(), tmp_path / "p5").module.eval()
+    assert len(grown.encoder_blocks) == 2 and len(grown.decoder_blocks) == 3
+    z = task.latents(torch.arange(4), torch.Generator().manual_seed(0))
+    labels = task.data.labels[:4]
+    base = task.module.eval()
+    with torch.no_grad():
+        for s in range(4):
+            a = base(z, labels, generator=torch.Generator().manual_seed(s), level=s)["loss"]
+            b = grown(z, labels, generator=torch.Generator().manual_seed(s), level=s)["loss"]
+            assert torch.allclose(a, b, atol=1e-6)
     wider = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, diffloss_w=48))
     with pytest.raises(CheckpointMismatch, match="different transformer"):
         FARTask(wider, load_dataset(cfg.data), DistContext(), tmp_path / "p3")

@@ -63,16 +63,62 @@ def start_from_export(
     """Load an exported generator into ``model`` for a second training phase (``var.init`` / ``far.init``).
 
     Refused unless the export was trained on the same latent space (its tokenizer / autoencoder agrees with
-    this run's outside the decoder side) and has exactly this run's architecture; a fresh schedule starts.
+    this run's outside the decoder side) and has this run's architecture, or the same one with more blocks
+    (a deeper model grown from a trained one: the new blocks start as the identity); a fresh schedule starts.
     """
     if encoder_side_mismatch(own_latent, export_latent) is not None:
         raise CheckpointMismatch(
             f"{key} '{folder}' was trained on another latent space than this run's tokenizer / autoencoder"
         )
     want, got = model.state_dict(), export_model.state_dict()
-    if want.keys() != got.keys() or any(want[k].shape != got[k].shape for k in want):
+    if want.keys() == got.keys() and all(want[k].shape == got[k].shape for k in want):
+        model.load_state_dict(got)
+        return
+    grown = new_blocks(want, got)
+    if grown is None:
         raise CheckpointMismatch(
             f"{key} '{folder}' is a different transformer than model.* describes; "
-            "copy its depth/width/heads into the config"
+            "copy its depth/width/heads into the config (only more blocks of the same width can be added)"
         )
-    model.load_state_dict(got)
+    model.load_state_dict(got, strict=False)
+    make_identity(model, grown)
+
+
+def new_blocks(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> list[str] | None:
+    """The blocks ``want`` has beyond ``got`` (e.g. ``encoder_blocks.4``) when that is the only difference
+    (every tensor of ``got`` present with its shape), else None."""
+    if any(k not in want or want[k].shape != v.shape for k, v in got.items()):
+        return None
+    extra = {block_prefix(k) for k in want.keys() - got.keys()}
+    if None in extra:  # a new tensor outside a numbered block list (another head, embedding, ...)
+        return None
+    return sorted(p for p in extra if p is not None)
+
+
+def block_prefix(key: str) -> str | None:
+    """``a.b.3.c.weight`` -> ``a.b.3``: the module of a numbered block list that holds the tensor."""
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit() and i > 0:
+            return ".".join(parts[: i + 1])
+    return None
+
+
+def make_identity(model: nn.Module, prefixes: list[str]) -> None:
+    """Zero the layers that end each residual branch of the new blocks, so every new block passes its input
+    through unchanged: the grown model computes exactly what the export did, and training only adds to it.
+
+    Covers the pre-norm ViT block (``attn.proj``, ``mlp.fc2``), VAR's AdaLN block (``attn.proj``,
+    ``ffn.fc2``) and the diffusion MLP's residual block (the gate of ``adaLN_modulation``).
+    """
+    ends = ("attn.proj", "mlp.fc2", "ffn.fc2", "adaLN_modulation.1")
+    with torch.no_grad():
+        for prefix in prefixes:
+            block = model.get_submodule(prefix)
+            found = [m for n, m in block.named_modules() if n in ends and isinstance(m, nn.Linear)]
+            if not found:
+                raise CheckpointMismatch(f"cannot start the new block '{prefix}' as the identity")
+            for m in found:
+                m.weight.zero_()
+                if m.bias is not None:
+                    m.bias.zero_()
