@@ -9,7 +9,17 @@ import numpy as np
 import torch
 
 from conftest import tiny_pipeline
-from freqar.eval.fid import fd, inception_like_score, kid, precision_recall, random_feature_net
+from freqar.eval.fid import (
+    fd,
+    frechet_distance,
+    frechet_distance_to,
+    inception_like_score,
+    kid,
+    precision_recall,
+    psd_sqrt,
+    random_feature_net,
+    stats,
+)
 from freqar.eval.run import EvalSettings, evaluate
 from train_helpers import write_manifest_dataset
 
@@ -19,6 +29,19 @@ def test_fd_of_a_set_with_itself_is_zero_and_shift_is_positive() -> None:
     assert abs(fd(x, x)) < 1e-6
     assert fd(x, x + 0.5) > 16 * 0.25 * 0.9
     assert fd(x, x * 2) > 1.0
+
+
+def test_fd_to_a_reference_without_the_covariance_matches() -> None:
+    """The n×n route (fewer samples than features) gives the d×d route's number, and so does n >= d."""
+    rng = np.random.default_rng(2)
+    ref = rng.normal(size=(300, 64)) @ rng.normal(size=(64, 64)) * 0.3
+    mu, s = stats(ref)
+    half = psd_sqrt(s)
+    for n in (5, 40, 200):
+        x = rng.normal(size=(n, 64)) @ rng.normal(size=(64, 64)) * 0.3 + 0.2
+        want = frechet_distance(mu, s, *stats(x), s1_half=half)
+        assert abs(frechet_distance_to(mu, s, half, x) - want) < 1e-7 * max(1.0, abs(want))
+    assert abs(frechet_distance_to(mu, s, half, ref)) < 1e-6
 
 
 def test_kid_is_near_zero_for_one_distribution() -> None:

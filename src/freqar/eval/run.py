@@ -26,7 +26,7 @@ from .fid import (
     LinearProbe,
     degrade,
     extract,
-    frechet_distance,
+    frechet_distance_to,
     inception_like_score,
     kid,
     precision_recall,
@@ -138,7 +138,7 @@ class ReferenceScorer:
         return out
 
     def fd_to_train(self, feats: np.ndarray) -> float:
-        return frechet_distance(self.mu, self.sigma, *stats(feats), s1_half=self.sigma_half)
+        return frechet_distance_to(self.mu, self.sigma, self.sigma_half, feats)
 
     def _kid(self, feats: np.ndarray) -> float:
         s = self.settings
