@@ -271,6 +271,41 @@ def test_decoder_only_finetune_keeps_codes(tmp_path: Path, data_dir: Path, train
         swap_decoder(load_tokenizer(trained_tok), other, "other")
 
 
+def test_deeper_decoder_grows_on_frozen_codes(tmp_path: Path, data_dir: Path, trained_tok: Path) -> None:
+    """A decoder-only run with model.decoder_num_res_blocks: same codes, the new blocks start as the identity,
+    the export records the depth and swaps into the original tokenizer (modules and config)."""
+    from freqar.errors import CheckpointMismatch
+    from freqar.train.config import TokenizerInit
+    from freqar.train.data import load_dataset, load_manifest_dataset, to_unit
+    from freqar.train.decoder_swap import swap_decoder
+    from freqar.train.dist import DistContext
+    from freqar.train.tokenizer import TokenizerTask, load_tokenizer
+
+    base = tok_config(data_dir, steps=3)
+    deeper = dataclasses.replace(base.model, decoder_num_res_blocks=base.model.num_res_blocks + 2)
+    init = TokenizerInit(path=str(trained_tok), decoder_only=True)
+    cfg = dataclasses.replace(base, model=deeper, init=init)
+    start = load_tokenizer(trained_tok)
+    grown = TokenizerTask(cfg, load_dataset(cfg.data), DistContext()).module.vae.eval()
+    assert len(grown.decoder.up[0].block) == len(start.decoder.up[0].block) + 2
+    f = torch.randn(2, base.model.z_channels, 4, 4)
+    with torch.no_grad():
+        want = start.decoder(start.post_quant_conv(f))
+        assert torch.allclose(grown.decoder(grown.post_quant_conv(f)), want)
+    with pytest.raises(CheckpointMismatch, match="different tokenizer"):
+        plain = dataclasses.replace(cfg, init=TokenizerInit(path=str(trained_tok)))
+        TokenizerTask(plain, load_dataset(cfg.data), DistContext())
+    train_tokenizer(cfg, tmp_path / "deep", progress=False)
+    after = load_tokenizer(tmp_path / "deep")
+    assert after.cfg.decoder_num_res_blocks == base.model.num_res_blocks + 2
+    x = to_unit(load_manifest_dataset(data_dir, "train").images[:2])
+    for a, b in zip(start.encode(x), after.encode(x), strict=True):
+        assert torch.equal(a, b)
+    swap_decoder(start, after, "deep")
+    assert start.cfg.decoder_num_res_blocks == after.cfg.decoder_num_res_blocks
+    assert all(torch.equal(v, after.state_dict()[k]) for k, v in start.state_dict().items())
+
+
 def test_decoder_only_needs_init_path(tmp_path: Path, data_dir: Path) -> None:
     from freqar.errors import CheckpointMismatch
     from freqar.train.config import TokenizerInit

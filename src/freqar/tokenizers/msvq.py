@@ -39,9 +39,14 @@ class MSVQConfig:
     using_sa: bool = True
     using_mid_sa: bool = True
     groupnorm_groups: int = 32
+    # decoder depth when it differs from the encoder's (None = the same): a deeper decoder trained on the
+    # frozen encoder and codebook renders the same codes better, so a VAR model trained on them stays valid
+    decoder_num_res_blocks: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
+        if self.decoder_num_res_blocks is not None and self.decoder_num_res_blocks < 0:
+            raise InvalidOption(f"decoder_num_res_blocks must be >= 0, got {self.decoder_num_res_blocks}")
         object.__setattr__(self, "patch_nums", tuple(int(p) for p in self.patch_nums))
         validate_patch_nums(self.patch_nums)
         for m in self.ch_mult:
@@ -58,7 +63,12 @@ class MSVQConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Fields as JSON; ``decoder_num_res_blocks`` left at None is omitted, so the configs (and the
+        fingerprints that key cached codes) of tokenizers without it are unchanged."""
+        d = asdict(self)
+        if d["decoder_num_res_blocks"] is None:
+            del d["decoder_num_res_blocks"]
+        return d
 
 
 def validate_patch_nums(patch_nums: tuple[int, ...]) -> None:
@@ -222,6 +232,8 @@ class VQVAE(nn.Module):
             groups=cfg.groupnorm_groups,
         )
         self.encoder = Encoder(in_channels=cfg.in_channels, **kw)
+        if cfg.decoder_num_res_blocks is not None:
+            kw["num_res_blocks"] = cfg.decoder_num_res_blocks
         self.decoder = Decoder(out_channels=cfg.in_channels, **kw)
         ks = cfg.quant_conv_ks
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, ks, 1, ks // 2)

@@ -73,6 +73,7 @@ class TokenizerModelConfig:
     quant_resi: float = 0.5
     share_quant_resi: int = 4
     patch_nums: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 8, 10, 13, 16])
+    decoder_num_res_blocks: int = -1  # decoder depth per level when it differs (-1 = num_res_blocks)
 
 
 @dataclass

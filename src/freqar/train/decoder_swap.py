@@ -74,51 +74,68 @@ def start_from_export(
     if want.keys() == got.keys() and all(want[k].shape == got[k].shape for k in want):
         model.load_state_dict(got)
         return
-    grown = new_blocks(want, got)
-    if grown is None:
+    if grow_from(model, export_model) is None:
         raise CheckpointMismatch(
             f"{key} '{folder}' is a different transformer than model.* describes; "
             "copy its depth/width/heads into the config (only more blocks of the same width can be added)"
         )
-    model.load_state_dict(got, strict=False)
-    make_identity(model, grown)
 
 
 def new_blocks(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> list[str] | None:
-    """The blocks ``want`` has beyond ``got`` (e.g. ``encoder_blocks.4``) when that is the only difference
-    (every tensor of ``got`` present with its shape), else None."""
+    """The modules ``want`` has beyond ``got`` (e.g. ``encoder_blocks.4``, ``decoder.up.0.block.2``) when
+    whole new members of numbered block lists are the only difference (every tensor of ``got`` present with
+    its shape), else None. A new module is the shortest prefix of a missing key that holds no loaded tensor.
+    """
     if any(k not in want or want[k].shape != v.shape for k, v in got.items()):
         return None
-    extra = {block_prefix(k) for k in want.keys() - got.keys()}
-    if None in extra:  # a new tensor outside a numbered block list (another head, embedding, ...)
-        return None
-    return sorted(p for p in extra if p is not None)
+    loaded_prefixes = {".".join(k.split(".")[:i]) for k in got for i in range(1, k.count(".") + 1)}
+    roots = set()
+    for k in want.keys() - got.keys():
+        parts = k.split(".")
+        root = next(
+            (".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) not in loaded_prefixes),
+            None,
+        )
+        if root is None or not root.rsplit(".", 1)[-1].isdigit():
+            return None  # a new tensor in an existing module, or a new module outside a block list
+        roots.add(root)
+    return sorted(roots)
 
 
-def block_prefix(key: str) -> str | None:
-    """``a.b.3.c.weight`` -> ``a.b.3``: the module of a numbered block list that holds the tensor."""
-    parts = key.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part.isdigit() and i > 0:
-            return ".".join(parts[: i + 1])
-    return None
+# The layer that ends each residual branch, per block type: pre-norm ViT (FAR), VAR's AdaLN block, the
+# diffusion MLP's residual block (its adaLN gate), and the convolutional res / attention blocks.
+BRANCH_ENDS = ("attn.proj", "mlp.fc2", "ffn.fc2", "adaLN_modulation.1", "conv2", "proj_out")
 
 
 def make_identity(model: nn.Module, prefixes: list[str]) -> None:
     """Zero the layers that end each residual branch of the new blocks, so every new block passes its input
     through unchanged: the grown model computes exactly what the export did, and training only adds to it.
-
-    Covers the pre-norm ViT block (``attn.proj``, ``mlp.fc2``), VAR's AdaLN block (``attn.proj``,
-    ``ffn.fc2``) and the diffusion MLP's residual block (the gate of ``adaLN_modulation``).
+    A block whose residual path is not the identity (a width change) cannot start this way and is refused.
     """
-    ends = ("attn.proj", "mlp.fc2", "ffn.fc2", "adaLN_modulation.1")
     with torch.no_grad():
         for prefix in prefixes:
             block = model.get_submodule(prefix)
-            found = [m for n, m in block.named_modules() if n in ends and isinstance(m, nn.Linear)]
-            if not found:
+            found = [
+                m
+                for n, m in block.named_modules()
+                if n in BRANCH_ENDS and isinstance(m, (nn.Linear, nn.Conv2d))
+            ]
+            shortcut = getattr(block, "nin_shortcut", None)
+            if not found or (shortcut is not None and not isinstance(shortcut, nn.Identity)):
                 raise CheckpointMismatch(f"cannot start the new block '{prefix}' as the identity")
             for m in found:
                 m.weight.zero_()
                 if m.bias is not None:
                     m.bias.zero_()
+
+
+def grow_from(model: nn.Module, start: nn.Module) -> list[str] | None:
+    """Load ``start`` into ``model`` when ``model`` only adds blocks (new ones start as the identity); returns
+    the new blocks, or None (nothing loaded) when the two differ otherwise."""
+    want, got = model.state_dict(), start.state_dict()
+    grown = new_blocks(want, got)
+    if grown is None:
+        return None
+    model.load_state_dict(got, strict=False)
+    make_identity(model, grown)
+    return grown

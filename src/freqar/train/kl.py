@@ -115,30 +115,22 @@ def kl_config(cfg: KLTrainConfig, scale_factor: float = 1.0) -> KLConfig:
     )
 
 
-def grow_decoder(vae: AutoencoderKL, start: AutoencoderKL) -> None:
-    """Start ``vae`` from ``start`` when only their decoders differ in shape.
+def grow_decoder(vae: nn.Module, start: nn.Module) -> None:
+    """Start ``vae`` from ``start`` when only their decoders differ in shape (a decoder-only run).
 
-    Everything outside the decoder loads as is. A deeper decoder of the same width (more res blocks per
-    level) keeps every trained block and starts each new one as the identity (its last conv zeroed; the
-    residual path carries the input), so it begins exactly where ``start`` ends and only improves on it.
-    A decoder of another width cannot reuse the trained one and starts from its fresh initialisation.
+    A deeper decoder of the same width (more res blocks per level) keeps every trained block and starts each
+    new one as the identity (``decoder_swap.grow_from``), so it begins exactly where ``start`` ends. A decoder
+    of another width (or a shallower one) cannot reuse the trained one: everything outside the decoder
+    proper loads and the decoder starts from its fresh initialisation.
     """
-    mine = vae.state_dict()
-    state = {k: v for k, v in start.state_dict().items() if k in mine and mine[k].shape == v.shape}
-    if vae.cfg.dec_ch != start.cfg.dec_ch:
-        state = {k: v for k, v in state.items() if not k.startswith("decoder.")}
-    missing, unexpected = vae.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.startswith("decoder.") for k in missing)
-    if vae.cfg.dec_ch != start.cfg.dec_ch:
+    from .decoder_swap import grow_from
+
+    if grow_from(vae, start) is not None:
         return
-    fresh = {k.rsplit(".", 2)[0] for k in missing}  # the new blocks: decoder.up.{i}.block.{j} / .attn.{j}
-    with torch.no_grad():
-        for name, module in vae.named_modules():
-            if name in fresh:
-                out = getattr(module, "conv2", None) or getattr(module, "proj_out", None)
-                if out is not None:
-                    out.weight.zero_()
-                    out.bias.zero_()
+    state = {k: v for k, v in start.state_dict().items() if not k.startswith("decoder.")}
+    missing, unexpected = vae.load_state_dict(state, strict=False)
+    if unexpected or not all(k.startswith("decoder.") for k in missing):
+        raise CheckpointMismatch("init.path differs from model.* outside the decoder")
 
 
 class KLTrainModule(nn.Module):

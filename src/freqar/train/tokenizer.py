@@ -46,6 +46,11 @@ def msvq_config(cfg: TokenizerTrainConfig) -> MSVQConfig:
         using_sa=m.using_sa,
         using_mid_sa=m.using_mid_sa,
         groupnorm_groups=m.groupnorm_groups,
+        decoder_num_res_blocks=(
+            m.decoder_num_res_blocks
+            if m.decoder_num_res_blocks >= 0 and m.decoder_num_res_blocks != m.num_res_blocks
+            else None
+        ),
     )
 
 
@@ -124,12 +129,20 @@ class TokenizerTask:
             raise CheckpointMismatch("init.decoder_only needs init.path (the tokenizer whose codes to keep)")
         if cfg.init.path:
             start = load_tokenizer(cfg.init.path)
-            if start.cfg.to_dict() != self.vae_cfg.to_dict():
+            # a decoder-only run may make the decoder deeper: its new blocks start as the identity
+            free = {"decoder_num_res_blocks"} if cfg.init.decoder_only else set()
+            mine = {k: v for k, v in self.vae_cfg.to_dict().items() if k not in free}
+            if {k: v for k, v in start.cfg.to_dict().items() if k not in free} != mine:
                 raise CheckpointMismatch(
                     f"init.path '{cfg.init.path}' is a different tokenizer than model.* describes; "
                     "copy its model section into the config"
                 )
-            vae.load_state_dict(start.state_dict())
+            if start.cfg.decoder_num_res_blocks == self.vae_cfg.decoder_num_res_blocks:
+                vae.load_state_dict(start.state_dict())
+            else:
+                from .kl import grow_decoder
+
+                grow_decoder(vae, start)
         self.module = VQTrainModule(vae, decoder_only=cfg.init.decoder_only)
         self.perceptual = None
         if cfg.loss.perceptual_weight > 0:
