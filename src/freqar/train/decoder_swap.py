@@ -139,3 +139,19 @@ def grow_from(model: nn.Module, start: nn.Module) -> list[str] | None:
     model.load_state_dict(got, strict=False)
     make_identity(model, grown)
     return grown
+
+
+def grow_decoder(vae: nn.Module, start: nn.Module) -> None:
+    """Start ``vae`` from ``start`` when only their decoders differ in shape (a decoder-only run).
+
+    A deeper decoder of the same width (more res blocks per level) keeps every trained block and starts each
+    new one as the identity (``grow_from``), so it begins exactly where ``start`` ends. A decoder
+    of another width (or a shallower one) cannot reuse the trained one: everything outside the decoder
+    proper loads and the decoder starts from its fresh initialisation.
+    """
+    if grow_from(vae, start) is not None:
+        return
+    state = {k: v for k, v in start.state_dict().items() if not k.startswith("decoder.")}
+    missing, unexpected = vae.load_state_dict(state, strict=False)
+    if unexpected or not all(k.startswith("decoder.") for k in missing):
+        raise CheckpointMismatch("init.path differs from model.* outside the decoder")

@@ -115,24 +115,6 @@ def kl_config(cfg: KLTrainConfig, scale_factor: float = 1.0) -> KLConfig:
     )
 
 
-def grow_decoder(vae: nn.Module, start: nn.Module) -> None:
-    """Start ``vae`` from ``start`` when only their decoders differ in shape (a decoder-only run).
-
-    A deeper decoder of the same width (more res blocks per level) keeps every trained block and starts each
-    new one as the identity (``decoder_swap.grow_from``), so it begins exactly where ``start`` ends. A decoder
-    of another width (or a shallower one) cannot reuse the trained one: everything outside the decoder
-    proper loads and the decoder starts from its fresh initialisation.
-    """
-    from .decoder_swap import grow_from
-
-    if grow_from(vae, start) is not None:
-        return
-    state = {k: v for k, v in start.state_dict().items() if not k.startswith("decoder.")}
-    missing, unexpected = vae.load_state_dict(state, strict=False)
-    if unexpected or not all(k.startswith("decoder.") for k in missing):
-        raise CheckpointMismatch("init.path differs from model.* outside the decoder")
-
-
 class KLTrainModule(nn.Module):
     """Wraps the autoencoder with the training forward (DDP wraps this module)."""
 
@@ -201,6 +183,8 @@ class KLTask:
             if same_decoder:
                 vae.load_state_dict(start.state_dict())
             else:
+                from .decoder_swap import grow_decoder
+
                 grow_decoder(vae, start)
             if cfg.init.decoder_only:  # same encoder, same latent scale: keep it exactly
                 self.fixed_scale = start.cfg.scale_factor

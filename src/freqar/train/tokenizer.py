@@ -140,7 +140,7 @@ class TokenizerTask:
             if start.cfg.decoder_num_res_blocks == self.vae_cfg.decoder_num_res_blocks:
                 vae.load_state_dict(start.state_dict())
             else:
-                from .kl import grow_decoder
+                from .decoder_swap import grow_decoder
 
                 grow_decoder(vae, start)
         self.module = VQTrainModule(vae, decoder_only=cfg.init.decoder_only)
