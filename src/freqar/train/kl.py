@@ -176,16 +176,9 @@ class KLTask:
                     f"init.path '{cfg.init.path}' is a different autoencoder than model.* describes; "
                     "copy its model section into the config"
                 )
-            same_decoder = (
-                all(getattr(start.cfg, k) == getattr(self.vae_cfg, k) for k in ("dec_ch", "dec_res_blocks"))
-                and start.cfg.decoder_attn_resolutions == self.vae_cfg.decoder_attn_resolutions
-            )
-            if same_decoder:
-                vae.load_state_dict(start.state_dict())
-            else:
-                from .decoder_swap import grow_decoder
+            from .decoder_swap import grow_decoder
 
-                grow_decoder(vae, start)
+            grow_decoder(vae, start)  # everything when the shapes match; a grown or new decoder otherwise
             if cfg.init.decoder_only:  # same encoder, same latent scale: keep it exactly
                 self.fixed_scale = start.cfg.scale_factor
         self.module = KLTrainModule(vae, decoder_only=cfg.init.decoder_only)

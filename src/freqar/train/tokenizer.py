@@ -137,12 +137,9 @@ class TokenizerTask:
                     f"init.path '{cfg.init.path}' is a different tokenizer than model.* describes; "
                     "copy its model section into the config"
                 )
-            if start.cfg.decoder_num_res_blocks == self.vae_cfg.decoder_num_res_blocks:
-                vae.load_state_dict(start.state_dict())
-            else:
-                from .decoder_swap import grow_decoder
+            from .decoder_swap import grow_decoder
 
-                grow_decoder(vae, start)
+            grow_decoder(vae, start)  # everything when the shapes match; a deeper decoder grows
         self.module = VQTrainModule(vae, decoder_only=cfg.init.decoder_only)
         self.perceptual = None
         if cfg.loss.perceptual_weight > 0:
