@@ -115,6 +115,56 @@ def test_var_init_starts_a_second_phase(tmp_path: Path, data_dir: Path, trained_
         VARTask(wider, load_dataset(cfg.data), DistContext(), tmp_path / "p4")
 
 
+def _self_correcting(cfg, rate: float = 0.5, near: int = 4):  # type: ignore[no-untyped-def]
+    settings = dataclasses.replace(cfg.var, self_correct=rate, self_correct_near=near)
+    return dataclasses.replace(cfg, var=settings)
+
+
+def test_self_correction_batch(data_dir: Path, trained_tok: Path) -> None:
+    """Rate 0 is exact teacher forcing; slips change the history and the later targets, never scale 0's."""
+    from freqar.train.data import load_dataset, to_unit
+    from freqar.train.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(trained_tok))
+    q = tok.quantize
+    x = to_unit(load_dataset(var_config(data_dir, trained_tok).data).images[:6])
+    with torch.no_grad():
+        f = tok.encode_latent(x)
+        clean = q.encode(f)[0]
+    tgt, inp = q.self_correction_batch(f, torch.zeros(6), 4, torch.Generator().manual_seed(0))
+    assert torch.equal(tgt, torch.cat(clean, dim=1))
+    assert torch.equal(inp, q.teacher_forcing_input(clean))
+    for near in (4, 0):
+        tgt2, inp2 = q.self_correction_batch(f, torch.full((6,), 0.9), near, torch.Generator().manual_seed(0))
+        assert tgt2.shape == tgt.shape and inp2.shape == inp.shape
+        assert int(tgt2.min()) >= 0 and int(tgt2.max()) < tok.cfg.vocab_size
+        assert torch.equal(tgt2[:, :1], tgt[:, :1])  # the first scale has no history
+        assert not torch.equal(inp2, inp) and not torch.equal(tgt2, tgt)
+
+
+def test_var_trains_with_self_correction_and_resumes_exactly(
+    tmp_path: Path, data_dir: Path, trained_tok: Path
+) -> None:
+    cfg = _self_correcting(var_config(data_dir, trained_tok, steps=3, ckpt_every=2))
+    full = train_var(cfg, tmp_path / "full", progress=False)
+    assert all(np.isfinite(full.history["loss"]))
+    assert list((tmp_path / "full").glob("latents-*.pt"))
+    _run_until(train_var, cfg, tmp_path / "cut", stop_after=2)
+    resumed = train_var(cfg, tmp_path / "cut", progress=False)
+    assert resumed.history["loss"] == full.history["loss"]
+    plain = train_var(var_config(data_dir, trained_tok, steps=3), tmp_path / "plain", progress=False)
+    assert plain.history["loss"][1:] != full.history["loss"][1:]
+
+
+def test_self_correction_rate_is_checked(tmp_path: Path, data_dir: Path, trained_tok: Path) -> None:
+    from freqar.errors import InvalidOption
+
+    for rate, near in ((1.0, 4), (-0.1, 4), (0.2, -1)):
+        with pytest.raises(InvalidOption, match="var.self_correct"):
+            cfg = _self_correcting(var_config(data_dir, trained_tok), rate, near)
+            train_var(cfg, tmp_path, progress=False)
+
+
 def test_resume_matches_uninterrupted(tmp_path: Path, data_dir: Path) -> None:
     """Kill after the step-2 checkpoint, resume: every later loss equals the uninterrupted run's."""
     full = train_tokenizer(tok_config(data_dir, steps=4, ckpt_every=2), tmp_path / "full", progress=False)

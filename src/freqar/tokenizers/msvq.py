@@ -157,9 +157,15 @@ class MultiScaleQuantizer(nn.Module):
         if self.cfg.using_znorm:
             sim = F.normalize(z_NC, dim=-1) @ F.normalize(w_VC, dim=-1).T
             return sim.argmax(dim=1)
+        return self._code_distance(z_NC).argmin(dim=1)
+
+    def _code_distance(self, z_NC: torch.Tensor) -> torch.Tensor:
+        """(N, V) distance of each row to every code: squared L2, or negative cosine with ``using_znorm``."""
+        w_VC = self.embedding.weight.detach()
+        if self.cfg.using_znorm:
+            return -(F.normalize(z_NC, dim=-1) @ F.normalize(w_VC, dim=-1).T)
         d_NV = z_NC.square().sum(dim=1, keepdim=True) + w_VC.square().sum(dim=1)
-        d_NV.addmm_(z_NC, w_VC.T, alpha=-2, beta=1)
-        return d_NV.argmin(dim=1)
+        return d_NV.addmm_(z_NC, w_VC.T, alpha=-2, beta=1)
 
     def codes_to_map(self, idx_Bl: torch.Tensor, pn: int) -> torch.Tensor:
         """Code indices (B, pn*pn) row-major -> code vectors laid out channel-first (B, C, pn, pn)."""
@@ -189,6 +195,47 @@ class MultiScaleQuantizer(nn.Module):
             idx_list.append(idx_Bl)
             fhat_list.append(f_hat.clone())
         return idx_list, fhat_list
+
+    @torch.no_grad()
+    def self_correction_batch(
+        self, f_BChw: torch.Tensor, rate_B: torch.Tensor, near: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing with corrupted history (Infinity's bitwise self-correction, for a codebook).
+
+        Why: at sampling time the transformer conditions on its own, imperfect, earlier scales, but
+        teacher forcing only ever shows it the exact codes. Here each scale's codes are replaced, with
+        probability ``rate_B[b]`` per token, by one of the ``near`` next-nearest codes of that token's
+        residual (a uniformly random code when ``near`` is 0) -- the kind of slip a sampler makes. The
+        corrupted codes build f_hat, so every later scale's target is the quantised residual *left after
+        the slip*: the model learns to correct earlier mistakes instead of compounding them.
+        Returns (targets (B, L), inputs (B, L - l_0, C)); with all rates 0 it is exact teacher forcing.
+        """
+        B, C, _, _ = f_BChw.shape
+        f_rest = f_BChw.detach().clone()
+        f_hat = torch.zeros_like(f_rest)
+        targets, inputs = [], []
+        S, V = len(self.patch_nums), self.cfg.vocab_size
+        for si, pn in enumerate(self.patch_nums):
+            z = F.interpolate(f_rest, size=(pn, pn), mode="area") if si != S - 1 else f_rest
+            d_NV = self._code_distance(z.permute(0, 2, 3, 1).reshape(-1, C))
+            idx_Bl = d_NV.argmin(dim=1).view(B, pn * pn)
+            targets.append(idx_Bl)
+            if si == S - 1:
+                break
+            slip = torch.rand(B, pn * pn, generator=generator) < rate_B.view(B, 1)
+            if near > 0:  # rank 1..near among the codes sorted by distance (rank 0 is the target)
+                k = min(near, V - 1)
+                rank = torch.randint(1, k + 1, (B * pn * pn, 1), generator=generator)
+                order = d_NV.topk(k + 1, dim=1, largest=False).indices
+                alt = order.gather(1, rank.to(order.device)).view(B, pn * pn)
+            else:
+                alt = torch.randint(0, V, (B, pn * pn), generator=generator).to(idx_Bl.device)
+            used = torch.where(slip.to(idx_Bl.device), alt, idx_Bl)
+            h = self.residual(self.codes_to_map(used, pn), si)
+            f_hat.add_(h)
+            f_rest.sub_(h)
+            inputs.append(self.next_input(f_hat, si + 1))
+        return torch.cat(targets, dim=1), torch.cat(inputs, dim=1)
 
     def idx_to_fhat(self, idx_list: list[torch.Tensor]) -> torch.Tensor:
         """Rebuild f_hat from per-scale indices (upstream ``embed_to_fhat`` with all_to_max_scale)."""

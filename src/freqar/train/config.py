@@ -124,6 +124,11 @@ class VARTrainSettings:
     tokenizer: str = ""  # a `freqar train tokenizer` run dir (or its tokenizer/ export)
     label_drop: float = 0.1  # probability of the null class, for classifier-free guidance
     label_smoothing: float = 0.0
+    # self-correction (Infinity's bitwise self-correction, for a codebook): each sample's history codes
+    # slip with a rate drawn from U[0, self_correct] to one of the self_correct_near next-nearest codes
+    # (0: any code), and later scales learn to correct it; 0 disables (plain teacher forcing)
+    self_correct: float = 0.0
+    self_correct_near: int = 8
     amp: bool = False  # bf16 autocast for the transformer (CPUs with AVX512-BF16/AMX, or CUDA)
     cfg: float = 3.0  # sampling defaults written into the exported model
     top_k: int = 0

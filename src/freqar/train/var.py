@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InvalidOption
 from ..models.var import VARConfig, VARTransformer
 from ..pipeline import Pipeline, SamplingDefaults
 from ..tokenizers.msvq import VQVAE
@@ -113,6 +114,13 @@ class VARTask:
             self._start_from(model, cfg.var.init)
         self.module = model
         self.codes = self._codes(run_dir)
+        sc = cfg.var.self_correct
+        if not 0.0 <= sc < 1.0:
+            raise InvalidOption(f"config 'var.self_correct' must be in [0, 1), got {sc!r}")
+        near = cfg.var.self_correct_near
+        if near < 0:
+            raise InvalidOption(f"config 'var.self_correct_near' must be >= 0, got {near!r}")
+        self.latents = self._latents(run_dir) if sc > 0 else None
         self.splits = [p * p for p in self.tok.cfg.patch_nums]
         self.val = load_validation_set(cfg.data, cfg.run.val_data, data) if cfg.run.eval_every > 0 else None
         self._val_codes: torch.Tensor | None = None
@@ -126,8 +134,8 @@ class VARTask:
         start = load_pipeline_dir(p / "model" if (p / "model" / "config.json").is_file() else p)
         start_from_export(model, self.tok, start.tokenizer, start.transformer, "var.init", folder)
 
-    def _codes(self, run_dir: Path) -> torch.Tensor:
-        """Tokenize the data set once; cached in the run folder keyed by the data and tokenizer."""
+    def _cache_path(self, run_dir: Path, kind: str) -> Path:
+        """``run_dir/KIND-HASH.pt``, keyed by the images, the tokenizer's weights and hflip."""
         import hashlib
 
         h = hashlib.sha256()
@@ -135,17 +143,42 @@ class VARTask:
         for v in self.tok.state_dict().values():
             h.update(v.detach().cpu().numpy().tobytes())
         h.update(str(self.cfg.data.hflip).encode())
-        path = run_dir / f"codes-{h.hexdigest()[:16]}.pt"
-        if path.is_file():
-            return torch.load(path, weights_only=True)
-        codes = tokenize_images(self.tok, self.data.images, self.cfg.data.hflip).cpu()
+        return run_dir / f"{kind}-{h.hexdigest()[:16]}.pt"
+
+    def _save_cache(self, run_dir: Path, path: Path, value: torch.Tensor) -> None:
         if self.ctx.is_main:
             from ..io import atomic_path
 
             run_dir.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
-                torch.save(codes, tmp)
+                torch.save(value, tmp)
+
+    def _codes(self, run_dir: Path) -> torch.Tensor:
+        """Tokenize the data set once; cached in the run folder keyed by the data and tokenizer."""
+        path = self._cache_path(run_dir, "codes")
+        if path.is_file():
+            return torch.load(path, weights_only=True)
+        codes = tokenize_images(self.tok, self.data.images, self.cfg.data.hflip).cpu()
+        self._save_cache(run_dir, path, codes)
         return codes
+
+    def _latents(self, run_dir: Path) -> torch.Tensor:
+        """The encoder's continuous latents (V, N, C, h, w), for self-correction, which re-quantises
+        them every step; cached in the run folder like the codes (bf16 would change the codes: float32)."""
+        path = self._cache_path(run_dir, "latents")
+        if path.is_file():
+            return torch.load(path, weights_only=True)
+        outs = []
+        for mirrored in [False, True] if self.cfg.data.hflip else [False]:
+            rows = []
+            with torch.no_grad():
+                for i in range(0, len(self.data), 32):
+                    x = to_unit(self.data.images[i : i + 32]).to(self.ctx.device)
+                    rows.append(self.tok.encode_latent(x.flip(-1) if mirrored else x).cpu())
+            outs.append(torch.cat(rows))
+        lat = torch.stack(outs)
+        self._save_cache(run_dir, path, lat)
+        return lat
 
     def compute_loss(self, model: nn.Module, step: int) -> tuple[torch.Tensor, dict[str, float], int]:
         c, dev = self.cfg, self.ctx.device
@@ -156,12 +189,17 @@ class VARTask:
             variant = (torch.rand(B, generator=g) < 0.5).long()
         else:
             variant = torch.zeros(B, dtype=torch.long)
-        tgt_BL = self.codes[variant, idx].long().to(dev)
         labels = self.data.labels[idx].clone()
         drop = torch.rand(B, generator=g) < c.var.label_drop
         labels[drop] = self.var_cfg.num_classes
-        with torch.no_grad():
-            x = self.tok.quantize.teacher_forcing_input(list(tgt_BL.split(self.splits, dim=1)))
+        if self.latents is not None:
+            rate = torch.rand(B, generator=g) * c.var.self_correct
+            f = self.latents[variant, idx].to(dev)
+            tgt_BL, x = self.tok.quantize.self_correction_batch(f, rate, c.var.self_correct_near, g)
+        else:
+            tgt_BL = self.codes[variant, idx].long().to(dev)
+            with torch.no_grad():
+                x = self.tok.quantize.teacher_forcing_input(list(tgt_BL.split(self.splits, dim=1)))
         dev_type = "cuda" if str(dev).startswith("cuda") else "cpu"
         with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=c.var.amp):
             logits = model(labels.to(dev), x).float()
