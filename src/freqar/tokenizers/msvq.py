@@ -153,10 +153,6 @@ class MultiScaleQuantizer(nn.Module):
 
     def nearest_code(self, z_NC: torch.Tensor) -> torch.Tensor:
         """Index of the nearest code per row (squared L2, or cosine when ``using_znorm``)."""
-        w_VC = self.embedding.weight.detach()
-        if self.cfg.using_znorm:
-            sim = F.normalize(z_NC, dim=-1) @ F.normalize(w_VC, dim=-1).T
-            return sim.argmax(dim=1)
         return self._code_distance(z_NC).argmin(dim=1)
 
     def _code_distance(self, z_NC: torch.Tensor) -> torch.Tensor:

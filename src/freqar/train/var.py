@@ -7,6 +7,7 @@ teacher-forcing inputs from ground-truth codes, so the costly conv encoder runs 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,19 +78,25 @@ def init_var_weights(model: VARTransformer, gamma_init: float = 1e-3) -> None:
 
 
 @torch.no_grad()
-def tokenize_images(tok: VQVAE, images: torch.Tensor, flip: bool, batch: int = 32) -> torch.Tensor:
-    """Code ids (N, L) of every image, or (2, N, L) with the mirrored copies when ``flip``."""
+def encode_views(
+    fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, flip: bool, batch: int = 32
+) -> torch.Tensor:
+    """``fn`` of every image in [-1, 1], batched: (1, N, ...), or (2, N, ...) with the mirrored copies."""
     outs = []
     for mirrored in [False, True] if flip else [False]:
         rows = []
         for i in range(0, images.shape[0], batch):
             x = to_unit(images[i : i + batch])
-            if mirrored:
-                x = x.flip(-1)
-            dtype = torch.int16 if tok.cfg.vocab_size < 32768 else torch.int32
-            rows.append(torch.cat(tok.encode(x), dim=1).to(dtype))
+            rows.append(fn(x.flip(-1) if mirrored else x).cpu())
         outs.append(torch.cat(rows))
     return torch.stack(outs)
+
+
+def tokenize_images(tok: VQVAE, images: torch.Tensor, flip: bool, batch: int = 32) -> torch.Tensor:
+    """Code ids (1, N, L) of every image, or (2, N, L) with the mirrored copies when ``flip``."""
+    dtype = torch.int16 if tok.cfg.vocab_size < 32768 else torch.int32
+    dev = tok.quantize.embedding.weight.device
+    return encode_views(lambda x: torch.cat(tok.encode(x.to(dev)), dim=1).to(dtype), images, flip, batch)
 
 
 class VARTask:
@@ -168,15 +175,8 @@ class VARTask:
         path = self._cache_path(run_dir, "latents")
         if path.is_file():
             return torch.load(path, weights_only=True)
-        outs = []
-        for mirrored in [False, True] if self.cfg.data.hflip else [False]:
-            rows = []
-            with torch.no_grad():
-                for i in range(0, len(self.data), 32):
-                    x = to_unit(self.data.images[i : i + 32]).to(self.ctx.device)
-                    rows.append(self.tok.encode_latent(x.flip(-1) if mirrored else x).cpu())
-            outs.append(torch.cat(rows))
-        lat = torch.stack(outs)
+        dev = self.ctx.device
+        lat = encode_views(lambda x: self.tok.encode_latent(x.to(dev)), self.data.images, self.cfg.data.hflip)
         self._save_cache(run_dir, path, lat)
         return lat
 
