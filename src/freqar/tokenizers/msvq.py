@@ -7,6 +7,7 @@ residual. Generation runs the same update one scale at a time on sampled codes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -17,6 +18,9 @@ from torch import nn
 from ..errors import InvalidOption
 from ..interfaces import StageSample
 from .convnet import Decoder, Encoder
+
+# self-correction's hook into ``encode``: (scale, nearest codes (B, l), distances (B*l, V)) -> codes used
+SlipFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -174,8 +178,15 @@ class MultiScaleQuantizer(nn.Module):
             h_BChw = F.interpolate(h_BChw, size=(self.side, self.side), mode="bicubic")
         return self.quant_resi(h_BChw, si)
 
-    def encode(self, f_BChw: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Latent -> (indices per scale (B, pn^2), running f_hat after each scale)."""
+    def encode(
+        self, f_BChw: torch.Tensor, slip: SlipFn | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Latent -> (indices per scale (B, pn^2), running f_hat after each scale).
+
+        ``slip(si, idx_Bl, d_NV)`` (self-correction) may swap a scale's codes, given its distances to
+        every code, before they build f_hat; the indices returned stay the nearest codes, so each later
+        scale's index is the quantised residual left after the slip. The last scale is never slipped.
+        """
         B, C, H, W = f_BChw.shape
         f_rest = f_BChw.detach().clone()
         f_hat = torch.zeros_like(f_rest)
@@ -183,9 +194,10 @@ class MultiScaleQuantizer(nn.Module):
         S = len(self.patch_nums)
         for si, pn in enumerate(self.patch_nums):
             z = F.interpolate(f_rest, size=(pn, pn), mode="area") if si != S - 1 else f_rest
-            idx_N = self.nearest_code(z.permute(0, 2, 3, 1).reshape(-1, C))
-            idx_Bl = idx_N.view(B, pn * pn)
-            h = self.residual(self.codes_to_map(idx_Bl, pn), si)
+            d_NV = self._code_distance(z.permute(0, 2, 3, 1).reshape(-1, C))
+            idx_Bl = d_NV.argmin(dim=1).view(B, pn * pn)
+            used = slip(si, idx_Bl, d_NV) if slip is not None and si != S - 1 else idx_Bl
+            h = self.residual(self.codes_to_map(used, pn), si)
             f_hat.add_(h)
             f_rest.sub_(h)
             idx_list.append(idx_Bl)
@@ -206,32 +218,23 @@ class MultiScaleQuantizer(nn.Module):
         the slip*: the model learns to correct earlier mistakes instead of compounding them.
         Returns (targets (B, L), inputs (B, L - l_0, C)); with all rates 0 it is exact teacher forcing.
         """
-        B, C, _, _ = f_BChw.shape
-        f_rest = f_BChw.detach().clone()
-        f_hat = torch.zeros_like(f_rest)
-        targets, inputs = [], []
-        S, V = len(self.patch_nums), self.cfg.vocab_size
-        for si, pn in enumerate(self.patch_nums):
-            z = F.interpolate(f_rest, size=(pn, pn), mode="area") if si != S - 1 else f_rest
-            d_NV = self._code_distance(z.permute(0, 2, 3, 1).reshape(-1, C))
-            idx_Bl = d_NV.argmin(dim=1).view(B, pn * pn)
-            targets.append(idx_Bl)
-            if si == S - 1:
-                break
-            slip = torch.rand(B, pn * pn, generator=generator) < rate_B.view(B, 1)
+        V = self.cfg.vocab_size
+
+        def slip(si: int, idx_Bl: torch.Tensor, d_NV: torch.Tensor) -> torch.Tensor:
+            B, n = idx_Bl.shape
+            hit = torch.rand(B, n, generator=generator) < rate_B.view(B, 1)
             if near > 0:  # rank 1..near among the codes sorted by distance (rank 0 is the target)
                 k = min(near, V - 1)
-                rank = torch.randint(1, k + 1, (B * pn * pn, 1), generator=generator)
+                rank = torch.randint(1, k + 1, (B * n, 1), generator=generator)
                 order = d_NV.topk(k + 1, dim=1, largest=False).indices
-                alt = order.gather(1, rank.to(order.device)).view(B, pn * pn)
+                alt = order.gather(1, rank.to(order.device)).view(B, n)
             else:
-                alt = torch.randint(0, V, (B, pn * pn), generator=generator).to(idx_Bl.device)
-            used = torch.where(slip.to(idx_Bl.device), alt, idx_Bl)
-            h = self.residual(self.codes_to_map(used, pn), si)
-            f_hat.add_(h)
-            f_rest.sub_(h)
-            inputs.append(self.next_input(f_hat, si + 1))
-        return torch.cat(targets, dim=1), torch.cat(inputs, dim=1)
+                alt = torch.randint(0, V, (B, n), generator=generator).to(idx_Bl.device)
+            return torch.where(hit.to(idx_Bl.device), alt, idx_Bl)
+
+        idx_list, fhat_list = self.encode(f_BChw, slip)
+        inputs = [self.next_input(fh, si + 1) for si, fh in enumerate(fhat_list[:-1])]
+        return torch.cat(idx_list, dim=1), torch.cat(inputs, dim=1)
 
     def idx_to_fhat(self, idx_list: list[torch.Tensor]) -> torch.Tensor:
         """Rebuild f_hat from per-scale indices (upstream ``embed_to_fhat`` with all_to_max_scale)."""
