@@ -1,7 +1,7 @@
 """Copy a trained VAR run into the package as the bundled ``emoji`` model and draw its README grid.
 
 Usage: python scripts/ship_emoji_default.py RUN_DIR [--cfg 3.0 --top-k 0 --top-p 0.0 --temperature 1.0]
-    [--grid docs/x.png] [--tokenizer FT_RUN]
+    [--late-from 6 --late-cfg 1.0 --late-temperature 0.3] [--grid docs/x.png] [--tokenizer FT_RUN]
 RUN_DIR is a `freqar train var` folder (its ``model/`` export is used). ``--tokenizer`` swaps in the decoder
 of a decoder-only fine-tune (configs/emoji128_decoder_ft.yaml); its encoder and codebook must equal the VAR
 run's, so the transformer's codes keep their meaning.
@@ -26,6 +26,9 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=0.0)
     ap.add_argument("--temperature", type=float, default=1.0, help="divides the logits before top-k/p")
+    ap.add_argument("--late-from", type=int, default=0, help="first detail stage (0 = off)")
+    ap.add_argument("--late-cfg", type=float, help="guidance from --late-from on")
+    ap.add_argument("--late-temperature", type=float, help="temperature from --late-from on")
     ap.add_argument("--grid", default="docs/emoji_default_samples.png")
     ap.add_argument("--per-class", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
@@ -36,7 +39,13 @@ def main() -> None:
     if args.tokenizer:
         swap_decoder(pipe.tokenizer, load_tokenizer(args.tokenizer), args.tokenizer)
     pipe.defaults = SamplingDefaults(
-        cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature
+        cfg=args.cfg,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        temperature=args.temperature,
+        late_from=args.late_from,
+        late_cfg=args.late_cfg,
+        late_temperature=args.late_temperature,
     )
     dest = pipe.save(args.dest)
     size = sum(p.stat().st_size for p in dest.iterdir()) / 2**20

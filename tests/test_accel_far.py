@@ -95,6 +95,8 @@ def test_wrong_family_methods_are_one_line_errors(data: Path, tmp_path: Path, ca
         (["--model", "far-tiny", "--accel", "farskip", "--top-k", "5"], "--top-k does not apply to FAR"),
         (["--model", "far-tiny", "--accel", "farskip", "--calibration", "x.json"], "applies to VAR models"),
         (["--model", "far-tiny", "--top-p", "0.5"], "--top-p does not apply to FAR"),
+        (["--model", "far-tiny", "--late-from", "2"], "--late-from does not apply to FAR"),
+        (["--model", str(var_model), "--late-temperature", "0"], "--late-temperature must be > 0"),
         (["--model", str(var_model), "--steps", "5"], "--steps applies to FAR models"),
         (["--model", "far-tiny", "--steps", "0"], "steps"),
         (["--model", "far-tiny", "--temperature", "-1"], "temperature must be >= 0"),

@@ -182,3 +182,20 @@ def test_bad_config_json(saved, capsys):
     (saved / "config.json").write_text("{not json")
     assert main(["generate", "--model", str(saved), "--quiet"]) == 2
     assert "config.json" in _err(capsys)
+
+
+def test_late_stage_flags(saved, tmp_path, capsys):
+    base = ["generate", "--model", str(saved), "--labels", "0", "--out", str(tmp_path / "a.png"), "--quiet"]
+    assert main([*base, "--late-from", "2", "--late-cfg", "0.5", "--late-temperature", "0.3"]) == 0
+    capsys.readouterr()
+    for flags, key in (
+        (["--late-from", "4"], "late_from"),
+        (["--late-from", "-1"], "--late-from"),
+        (["--late-cfg", "-1"], "--late-cfg"),
+        (["--late-temperature", "0"], "--late-temperature"),
+    ):
+        assert main([*base, *flags]) == 2
+        assert key in _err(capsys)
+    far = ["generate", "--model", "far-tiny", "--labels", "0", "--out", str(tmp_path / "f.png"), "--quiet"]
+    assert main([*far, "--late-from", "2"]) == 2
+    assert "VAR-family" in _err(capsys)

@@ -11,7 +11,7 @@ from freqar.engine.guidance import Guidance
 from freqar.engine.sampling import SamplerConfig, mask_top_k_top_p_
 from freqar.errors import InvalidOption
 from freqar.models.var import VARConfig, VARTransformer
-from freqar.pipeline import load_pipeline_dir
+from freqar.pipeline import SamplingDefaults, load_pipeline_dir
 from freqar.registry import get_spec, list_models
 from freqar.tokenizers.msvq import VQVAE, MSVQConfig, phi_index_table
 
@@ -171,3 +171,38 @@ def test_engine_rejects_empty_batch(tiny):
         generate(tiny.transformer, tiny.tokenizer, batch=0, num_classes=5)
     with pytest.raises(InvalidOption, match="batch"):
         tiny.generate(None, batch=0)
+
+
+def test_late_stage_sampling(tmp_path, tiny):
+    base = tiny.generate([1, 3], seed=5, cfg=1.5)
+    off = tiny.generate([1, 3], seed=5, cfg=1.5, late_from=0, late_cfg=9.0, late_temperature=0.01)
+    assert torch.equal(base.images, off.images)  # late_from 0: bit-identical to one setting for all
+    late = tiny.generate([1, 3], seed=5, cfg=1.5, late_from=2, late_cfg=0.0, late_temperature=0.01)
+    assert all(torch.equal(a, b) for a, b in zip(base.tokens[:2], late.tokens[:2], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(base.tokens[2:], late.tokens[2:], strict=True))
+    # near-zero temperature from stage 2 on: the late stages are the argmax of the guided logits
+    rec = tiny.generate([1, 3], seed=5, cfg=1.5, late_from=2, late_temperature=1e-4, record_logits=True)
+    for s in (2, 3):
+        assert torch.equal(rec.tokens[s], rec.logits[s].argmax(-1))
+    # the model's defaults carry the late settings, and they survive save/load
+    tiny.defaults = SamplingDefaults(cfg=1.5, late_from=2, late_cfg=0.0, late_temperature=0.01)
+    tiny.save(tmp_path / "m")
+    back = load_pipeline_dir(tmp_path / "m")
+    assert back.defaults.late_from == 2 and torch.equal(back.generate([1, 3], seed=5).images, late.images)
+    assert torch.equal(back.generate([1, 3], seed=5, late_from=0).images, base.images)
+    with pytest.raises(InvalidOption, match="late_from"):
+        tiny.generate([1], late_from=4)  # the tiny schedule has 4 stages: 0..3
+
+
+def test_late_guidance_and_sampler_settings():
+    g = Guidance(cfg=3.0, late_from=6, late_cfg=1.0)
+    assert [g.scale(k, 10) for k in (0, 3, 5, 6, 9)] == [0.0, 1.0, 3.0 * 5 / 9, 1.0, 1.0]
+    assert Guidance(cfg=0.0, late_from=2, late_cfg=1.0).enabled
+    assert not Guidance(cfg=0.0, late_from=0, late_cfg=1.0).enabled
+    s = SamplerConfig(temperature=1.0, late_from=3, late_temperature=0.5)
+    assert s.at_stage(2).temperature == 1.0 and s.at_stage(3).temperature == 0.5
+    for bad in ({"late_from": -1}, {"late_temperature": 0.0}):
+        with pytest.raises(InvalidOption, match=next(iter(bad))):
+            SamplerConfig(**bad)
+    with pytest.raises(InvalidOption, match="late_cfg"):
+        Guidance(late_from=1, late_cfg=-1.0)

@@ -23,12 +23,19 @@ FORMAT = "freqar-model/1"
 
 @dataclass(frozen=True)
 class SamplingDefaults:
-    """A model's recommended sampling settings (used when the caller does not override them)."""
+    """A model's recommended sampling settings (used when the caller does not override them).
+
+    ``late_from`` > 0: from that stage on, guidance ``late_cfg`` and temperature ``late_temperature``
+    (each None = unchanged) replace the regular ones; 0 = one setting for every stage.
+    """
 
     cfg: float = 1.5
     top_k: int = 0
     top_p: float = 0.0
     temperature: float = 1.0
+    late_from: int = 0
+    late_cfg: float | None = None
+    late_temperature: float | None = None
 
 
 _B = TypeVar("_B", bound="ModuleBundle")
@@ -95,15 +102,33 @@ class Pipeline(ModuleBundle):
         guidance_schedule: str = "linear",
         callback: Any = None,
         record_logits: bool = False,
+        late_from: int | None = None,
+        late_cfg: float | None = None,
+        late_temperature: float | None = None,
     ) -> GenerationOutput:
-        """Generate images for ``labels`` (or ``batch`` random labels); ``seed`` seeds a fresh generator."""
+        """Generate images for ``labels`` (or ``batch`` random labels); ``seed`` seeds a fresh generator.
+
+        Every sampling option left None takes the model's default (:class:`SamplingDefaults`);
+        ``late_from=0`` turns the model's late-stage settings off.
+        """
         d = self.defaults
-        guidance = Guidance(cfg=d.cfg if cfg is None else cfg, schedule=guidance_schedule)
+        late_from = d.late_from if late_from is None else late_from
+        num_stages = len(self.tokenizer.cfg.patch_nums)
+        if not 0 <= late_from < num_stages:
+            raise InvalidOption(f"late_from must be in [0, {num_stages - 1}] (0 = off), got {late_from}")
+        guidance = Guidance(
+            cfg=d.cfg if cfg is None else cfg,
+            schedule=guidance_schedule,
+            late_from=late_from,
+            late_cfg=d.late_cfg if late_cfg is None else late_cfg,
+        )
         sampler = SamplerConfig(
             top_k=d.top_k if top_k is None else top_k,
             top_p=d.top_p if top_p is None else top_p,
             temperature=d.temperature if temperature is None else temperature,
             smooth=smooth,
+            late_from=late_from,
+            late_temperature=d.late_temperature if late_temperature is None else late_temperature,
         )
         gen = None
         if seed is not None:

@@ -27,6 +27,33 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
 
 
+LATE_FLAGS = ("late_from", "late_cfg", "late_temperature")
+
+
+def add_late_args(p: argparse.ArgumentParser) -> None:
+    """Late-stage sampling flags (VAR-family class models): detail stages sampled apart from structure."""
+    g = p.add_argument_group("late-stage sampling (VAR-family class models; default: the model's)")
+    g.add_argument(
+        "--late-from",
+        type=int,
+        help="first stage that uses --late-cfg / --late-temperature (0 = off: one setting for all stages)",
+    )
+    g.add_argument("--late-cfg", type=float, help="guidance strength from --late-from on (>= 0)")
+    g.add_argument("--late-temperature", type=float, help="sampling temperature from --late-from on (> 0)")
+
+
+def late_kwargs(args: argparse.Namespace) -> dict[str, float | int | None]:
+    """The late-stage flags, checked (the upper bound of --late-from is checked against the model)."""
+    kw = {f: getattr(args, f, None) for f in LATE_FLAGS}
+    if kw["late_from"] is not None and kw["late_from"] < 0:
+        raise InvalidOption(f"--late-from must be >= 0 (0 = off), got {kw['late_from']}")
+    if kw["late_cfg"] is not None and kw["late_cfg"] < 0:
+        raise InvalidOption(f"--late-cfg must be >= 0, got {kw['late_cfg']}")
+    if kw["late_temperature"] is not None and not kw["late_temperature"] > 0:
+        raise InvalidOption(f"--late-temperature must be > 0, got {kw['late_temperature']}")
+    return kw
+
+
 def resolve_device(name: str) -> str:
     if name == "cpu":
         return name

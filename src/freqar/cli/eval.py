@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidOption
-from .common import add_model_args, float_list, load_model
+from .common import add_late_args, add_model_args, float_list, late_kwargs, load_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "diffusion noise with it",
     )
     p.add_argument("--steps", help="FAR: diffusion steps, e.g. 25 or ddim25 (default: the model's)")
+    add_late_args(p)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--cache", help="folder for cached reference features (default: the data folder)")
     a = p.add_argument_group("accelerated settings (the SparseVAR paper's Table 1 on this model)")
@@ -100,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         steps=args.steps,
         kid_subsets=kid_subsets,
+        **late_kwargs(args),
     )
     if settings is not None:
         return run_accel_cli(args, pipe, settings, s)

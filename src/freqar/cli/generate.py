@@ -16,7 +16,7 @@ from ..policies import make_policy
 from ..policies.skip import SkipPolicy, build_accel, split_method
 from ..policies.sparsevar import mask_picture
 from ..registry import recommended_accel
-from .common import add_model_args, float_list, int_list, load_model
+from .common import add_late_args, add_model_args, float_list, int_list, late_kwargs, load_model
 from .far_generate import add_far_args
 
 # --accel knob options -> (policy config field, policies that accept it)
@@ -47,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling in [0,1] (0 = off)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (> 0)")
     p.add_argument("--smooth", action="store_true", help="VAR's Gumbel-softmax smoothing (visualisation)")
+    add_late_args(p)
     p.add_argument("--nrow", type=int, default=None, help="images per grid row")
     p.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -138,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidOption(f"--temperature must be > 0, got {args.temperature}")
     if args.batch is not None and args.batch < 1:
         raise InvalidOption(f"--batch must be >= 1, got {args.batch}")
+    late = late_kwargs(args)
     out = check_writable(args.out)
     masks_out = check_writable(args.save_masks) if args.save_masks else None
     policy = build_policy(args)
@@ -149,6 +151,12 @@ def run(args: argparse.Namespace) -> int:
         is_far_model(args.model) or is_hart_model(args.model) or is_infinity_model(args.model)
     ):
         raise InvalidOption(f"--accel {args.accel}: scale skipping applies to VAR-family class models only")
+    if any(v is not None for v in late.values()) and (
+        is_far_model(args.model) or is_hart_model(args.model) or is_infinity_model(args.model)
+    ):
+        raise InvalidOption(
+            "--late-from, --late-cfg and --late-temperature apply to VAR-family class models only"
+        )
     if is_far_model(args.model):
         from .far_generate import run_far
 
@@ -197,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
         smooth=args.smooth,
         policy=policy,
         callback=on_stage,
+        **late,
     )
     bar.close()
     save_images(res.images, out, args.nrow)

@@ -32,7 +32,8 @@ class CategoricalHead:
     def sample(
         self, full: torch.Tensor, stage: int, num_stages: int, generator: torch.Generator | None
     ) -> StageSample:
-        idx, soft = sample_categorical(full, self.sampler, generator, stage / (num_stages - 1))
+        sampler = self.sampler.at_stage(stage)
+        idx, soft = sample_categorical(full, sampler, generator, stage / (num_stages - 1))
         return StageSample(idx=idx, soft=soft)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -16,12 +16,16 @@ class SamplerConfig:
 
     ``top_k`` 0 = off; ``top_p`` 0 = off; ``temperature`` divides the logits (1 = upstream VAR, which has
     none); ``smooth`` = VAR's Gumbel-softmax "more_smooth" mode (soft code mixtures, for visualisation).
+    ``late_from`` > 0 with ``late_temperature`` set uses that temperature from stage ``late_from`` on: on
+    the bundled emoji model the structure stages want broad sampling and the detail stages a sharp one.
     """
 
     top_k: int = 0
     top_p: float = 0.0
     temperature: float = 1.0
     smooth: bool = False
+    late_from: int = 0
+    late_temperature: float | None = None
 
     def __post_init__(self) -> None:
         if self.top_k < 0:
@@ -30,6 +34,16 @@ class SamplerConfig:
             raise InvalidOption(f"top_p must be in [0, 1], got {self.top_p}")
         if not self.temperature > 0:
             raise InvalidOption(f"temperature must be > 0, got {self.temperature}")
+        if self.late_from < 0:
+            raise InvalidOption(f"late_from must be >= 0 (0 = off), got {self.late_from}")
+        if self.late_temperature is not None and not self.late_temperature > 0:
+            raise InvalidOption(f"late_temperature must be > 0, got {self.late_temperature}")
+
+    def at_stage(self, stage: int) -> SamplerConfig:
+        """The settings that apply at ``stage`` (the late temperature from ``late_from`` on)."""
+        if 0 < self.late_from <= stage and self.late_temperature is not None:
+            return replace(self, temperature=self.late_temperature, late_from=0)
+        return self
 
 
 def mask_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

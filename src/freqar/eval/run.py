@@ -45,6 +45,9 @@ class EvalSettings:
     top_p: float | None = None
     temperature: float | None = None  # VAR: divides the logits; FAR: scales the diffusion noise
     steps: str | None = None  # FAR diffusion steps per level, e.g. "25" or "ddim25" (default: the model's)
+    late_from: int | None = None  # VAR: late-stage sampling (default: the model's)
+    late_cfg: float | None = None
+    late_temperature: float | None = None
     kid_subsets: int = 100
     kid_subset_size: int = 200
     pr_k: int = 3
@@ -85,8 +88,10 @@ def generate_kwargs(pipe: Pipeline, s: EvalSettings) -> dict[str, Any]:
     """The sampler options of ``s`` that apply to ``pipe``'s family; one that does not is an error, not
     silently ignored."""
     far = getattr(pipe, "family", "var") == "far"
+    late = {"late_from": s.late_from, "late_cfg": s.late_cfg, "late_temperature": s.late_temperature}
     if far:
-        for flag, value in (("--top-k", s.top_k), ("--top-p", s.top_p)):
+        late_flags = [("--" + k.replace("_", "-"), v) for k, v in late.items()]
+        for flag, value in (("--top-k", s.top_k), ("--top-p", s.top_p), *late_flags):
             if value is not None:
                 raise InvalidOption(
                     f"{flag} does not apply to FAR models ('{pipe.name}'): they sample with a diffusion head"
@@ -94,7 +99,7 @@ def generate_kwargs(pipe: Pipeline, s: EvalSettings) -> dict[str, Any]:
         return {"cfg": s.cfg, "steps": s.steps, "temperature": s.temperature}
     if s.steps is not None:
         raise InvalidOption(f"--steps applies to FAR models (diffusion steps), not '{pipe.name}'")
-    return {"cfg": s.cfg, "top_k": s.top_k, "top_p": s.top_p, "temperature": s.temperature}
+    return {"cfg": s.cfg, "top_k": s.top_k, "top_p": s.top_p, "temperature": s.temperature, **late}
 
 
 def generate_samples(pipe: Pipeline, labels: list[int], s: EvalSettings) -> tuple[torch.Tensor, float]:
