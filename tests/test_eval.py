@@ -80,6 +80,7 @@ def test_evaluate_writes_eval_json(tmp_path: Path) -> None:
     assert 0.0 <= saved["class_accuracy"] <= 1.0 and 0.0 <= saved["class_accuracy_real"] <= 1.0
     assert len(saved["class_accuracy_per_class"]) == 3  # the tiny data set's three shapes
     assert (tmp_path / "out" / "samples_by_class.png").is_file()
+    assert saved["settings"]["model_defaults"]["cfg"] == pipe.defaults.cfg  # what None resolved to
 
 
 def test_eval_temperature_changes_var_samples(tmp_path: Path) -> None:
@@ -92,6 +93,8 @@ def test_eval_temperature_changes_var_samples(tmp_path: Path) -> None:
     same, _ = generate_samples(pipe, [0, 1], EvalSettings(samples=2, batch=2, temperature=1.0))
     cold, _ = generate_samples(pipe, [0, 1], EvalSettings(samples=2, batch=2, temperature=0.05))
     assert torch.equal(base, same) and not torch.equal(base, cold)
+    late = EvalSettings(samples=2, batch=2, late_from=2, late_temperature=0.05)
+    assert not torch.equal(base, generate_samples(pipe, [0, 1], late)[0])  # late settings reach it too
 
 
 def test_linear_probe_class_accuracy() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,11 @@ def sample_labels(train_labels: np.ndarray, n: int, num_classes: int, seed: int)
     counts = np.bincount(train_labels, minlength=num_classes).astype(np.float64)
     rng = np.random.default_rng(seed)
     return rng.choice(num_classes, size=n, p=counts / counts.sum()).tolist()
+
+
+def _defaults(pipe: Any) -> dict[str, Any] | None:
+    d = getattr(pipe, "defaults", None)
+    return asdict(d) if is_dataclass(d) and not isinstance(d, type) else None
 
 
 def generate_kwargs(pipe: Pipeline, s: EvalSettings) -> dict[str, Any]:
@@ -237,6 +242,7 @@ def evaluate(
     res["settings"] = {
         **asdict(settings),
         "model": pipe.name,
+        "model_defaults": _defaults(pipe),  # what the None options above resolved to
         "data": str(data),
         "feature_net": net.name,
         "heldout_count": int(ref["heldout"].shape[0]),
