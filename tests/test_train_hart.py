@@ -105,6 +105,8 @@ def test_hart_losses_decrease_and_export_generates(tmp_path: Path, data_dir: Pat
         main(["generate", "--model", str(res.export), "--labels", "1,2", "--out", str(png), "--quiet"]) == 0
     )
     assert png.is_file()
+    late = ["generate", "--model", str(res.export), "--labels", "1", "--late-from", "2", "--out", str(png)]
+    assert main([*late, "--quiet"]) == 2  # a trained HART refuses VAR's late-stage flags (one line)
 
 
 def test_hart_resume_gives_the_same_next_losses(tmp_path: Path, data_dir: Path, hybrid_tok: Path) -> None:

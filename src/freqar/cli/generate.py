@@ -179,6 +179,12 @@ def run(args: argparse.Namespace) -> int:
     if args.h_div_w is not None or args.resolution is not None:
         raise InvalidOption("--h-div-w and --resolution apply to Infinity models only")
     pipe = load_model(args)
+    late = {k: v for k, v in late.items() if v is not None}
+    if late and getattr(pipe, "family", "var") != "var":
+        raise InvalidOption(
+            f"--late-from, --late-cfg and --late-temperature apply to VAR-family class models, not "
+            f"'{args.model}' ({pipe.family})"
+        )
     labels = int_list(args.labels, "--labels") if args.labels else None
     if labels is not None:
         if not labels:

@@ -104,6 +104,9 @@ def generate_kwargs(pipe: Pipeline, s: EvalSettings) -> dict[str, Any]:
         return {"cfg": s.cfg, "steps": s.steps, "temperature": s.temperature}
     if s.steps is not None:
         raise InvalidOption(f"--steps applies to FAR models (diffusion steps), not '{pipe.name}'")
+    late = {k: v for k, v in late.items() if v is not None}
+    if late and getattr(pipe, "family", "var") != "var":
+        raise InvalidOption(f"--late-* options apply to VAR models, not '{pipe.name}' ({pipe.family})")
     return {"cfg": s.cfg, "top_k": s.top_k, "top_p": s.top_p, "temperature": s.temperature, **late}
 
 
