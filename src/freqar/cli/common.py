@@ -42,14 +42,17 @@ def add_late_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--late-temperature", type=float, help="sampling temperature from --late-from on (> 0)")
 
 
-def late_kwargs(args: argparse.Namespace) -> dict[str, float | int | None]:
-    """The late-stage flags, checked (the upper bound of --late-from is checked against the model)."""
-    kw = {f: getattr(args, f, None) for f in LATE_FLAGS}
-    if kw["late_from"] is not None and kw["late_from"] < 0:
+LATE_ONLY_VAR = "--late-from, --late-cfg and --late-temperature apply to VAR-family class models only"
+
+
+def late_kwargs(args: argparse.Namespace) -> dict[str, float | int]:
+    """The late-stage flags that were given, checked (--late-from's upper bound is the model's to check)."""
+    kw = {f: getattr(args, f) for f in LATE_FLAGS if getattr(args, f, None) is not None}
+    if kw.get("late_from", 0) < 0:
         raise InvalidOption(f"--late-from must be >= 0 (0 = off), got {kw['late_from']}")
-    if kw["late_cfg"] is not None and kw["late_cfg"] < 0:
+    if kw.get("late_cfg", 0) < 0:
         raise InvalidOption(f"--late-cfg must be >= 0, got {kw['late_cfg']}")
-    if kw["late_temperature"] is not None and not kw["late_temperature"] > 0:
+    if not kw.get("late_temperature", 1) > 0:
         raise InvalidOption(f"--late-temperature must be > 0, got {kw['late_temperature']}")
     return kw
 

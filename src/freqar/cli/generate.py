@@ -16,7 +16,15 @@ from ..policies import make_policy
 from ..policies.skip import SkipPolicy, build_accel, split_method
 from ..policies.sparsevar import mask_picture
 from ..registry import recommended_accel
-from .common import add_late_args, add_model_args, float_list, int_list, late_kwargs, load_model
+from .common import (
+    LATE_ONLY_VAR,
+    add_late_args,
+    add_model_args,
+    float_list,
+    int_list,
+    late_kwargs,
+    load_model,
+)
 from .far_generate import add_far_args
 
 # --accel knob options -> (policy config field, policies that accept it)
@@ -151,12 +159,8 @@ def run(args: argparse.Namespace) -> int:
         is_far_model(args.model) or is_hart_model(args.model) or is_infinity_model(args.model)
     ):
         raise InvalidOption(f"--accel {args.accel}: scale skipping applies to VAR-family class models only")
-    if any(v is not None for v in late.values()) and (
-        is_far_model(args.model) or is_hart_model(args.model) or is_infinity_model(args.model)
-    ):
-        raise InvalidOption(
-            "--late-from, --late-cfg and --late-temperature apply to VAR-family class models only"
-        )
+    if late and (is_far_model(args.model) or is_hart_model(args.model) or is_infinity_model(args.model)):
+        raise InvalidOption(LATE_ONLY_VAR)
     if is_far_model(args.model):
         from .far_generate import run_far
 
@@ -179,12 +183,8 @@ def run(args: argparse.Namespace) -> int:
     if args.h_div_w is not None or args.resolution is not None:
         raise InvalidOption("--h-div-w and --resolution apply to Infinity models only")
     pipe = load_model(args)
-    late = {k: v for k, v in late.items() if v is not None}
-    if late and getattr(pipe, "family", "var") != "var":
-        raise InvalidOption(
-            f"--late-from, --late-cfg and --late-temperature apply to VAR-family class models, not "
-            f"'{args.model}' ({pipe.family})"
-        )
+    if late and getattr(pipe, "family", "var") != "var":  # e.g. a HART trained here, saved as a folder
+        raise InvalidOption(f"{LATE_ONLY_VAR}, not '{args.model}' ({pipe.family})")
     labels = int_list(args.labels, "--labels") if args.labels else None
     if labels is not None:
         if not labels:
