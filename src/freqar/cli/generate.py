@@ -155,11 +155,10 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidOption("--negative-prompt applies to Infinity models only")
     from ..models.far_pipeline import is_far_model
 
-    if isinstance(policy, SkipPolicy) and (
-        is_far_model(args.model) or is_hart_model(args.model) or is_infinity_model(args.model)
-    ):
+    other_family = is_far_model(args.model) or is_hart_model(args.model) or is_infinity_model(args.model)
+    if isinstance(policy, SkipPolicy) and other_family:
         raise InvalidOption(f"--accel {args.accel}: scale skipping applies to VAR-family class models only")
-    if late and (is_far_model(args.model) or is_hart_model(args.model) or is_infinity_model(args.model)):
+    if late and other_family:
         raise InvalidOption(LATE_ONLY_VAR)
     if is_far_model(args.model):
         from .far_generate import run_far
