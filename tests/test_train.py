@@ -426,3 +426,69 @@ def test_held_out_evaluation_errors(tmp_path: Path, data_dir: Path, trained_tok:
         train_var(_with_eval(var_config(data_dir, trained_tok, steps=1), 1, str(folder)), tmp_path / "c")
     with pytest.raises(Exception, match="run.eval_every must be >= 0"):
         train_tokenizer(_with_eval(tok_config(data_dir, steps=1), -1), tmp_path / "d", progress=False)
+
+
+def test_adversarial_decoder_finetune_keeps_codes_and_resumes_exactly(
+    tmp_path: Path, data_dir: Path, trained_tok: Path
+) -> None:
+    """loss.gan_weight: a decoder-only run with the patch critic keeps every code, moves the decoder
+    differently from the same run without the critic, and resumes exactly (critic and its optimizer are
+    in the checkpoint)."""
+    from freqar.train.config import TokenizerInit
+    from freqar.train.data import load_manifest_dataset, to_unit
+    from freqar.train.tokenizer import load_tokenizer
+    from train_helpers import gan_config
+
+    init = TokenizerInit(path=str(trained_tok), decoder_only=True)
+    base = dataclasses.replace(tok_config(data_dir, steps=4, ckpt_every=2), init=init)
+    cfg = gan_config(base)
+    full = train_tokenizer(cfg, tmp_path / "full", progress=False)
+    plain = train_tokenizer(base, tmp_path / "plain", progress=False)
+    before, after = load_tokenizer(trained_tok), load_tokenizer(tmp_path / "full")
+    x = to_unit(load_manifest_dataset(data_dir, "train").images[:4])
+    for a, b in zip(before.encode(x), after.encode(x), strict=True):
+        assert torch.equal(a, b)
+    assert full.history["loss"][0] == plain.history["loss"][0]  # the critic's term starts at gan_start
+    assert full.history["loss"][1:] != plain.history["loss"][1:]
+    ck = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    assert {"disc", "disc_opt"} <= set(ck["task_state"])
+    _run_until(train_tokenizer, cfg, tmp_path / "cut", stop_after=2)
+    resumed = train_tokenizer(cfg, tmp_path / "cut", progress=False)
+    assert resumed.history["loss"] == full.history["loss"]
+    cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(ck["task_state"]["disc"][k], v) for k, v in cut["task_state"]["disc"].items())
+    assert all(torch.equal(ck["ema"][k], cut["ema"][k]) for k in ck["ema"])
+
+
+def test_adversary_terms_and_bad_settings(tmp_path: Path, data_dir: Path) -> None:
+    """Hinge critic loss; no generator term before gan_start; the adaptive weight balances the gradient
+    norms at the given layer; a critic too deep for the images is a one-line config error."""
+    from freqar.errors import InvalidOption
+    from freqar.train.adversarial import Adversary, PatchDiscriminator, hinge_d_loss
+    from freqar.train.dist import DistContext
+    from train_helpers import gan_config
+
+    assert hinge_d_loss(torch.full((2,), 2.0), torch.full((2,), -2.0)).item() == 0.0
+    assert hinge_d_loss(torch.zeros(2), torch.zeros(2)).item() == 1.0
+    ctx = DistContext(rank=0, world=1, local_rank=0, device="cpu")
+    adv = Adversary(0.5, start=3, lr=1e-3, channels=8, layers=1, seed=0, ctx=ctx)
+    w = torch.randn(16, 16, requires_grad=True)
+    rec = torch.tanh(torch.randn(2, 3, 16, 16) @ w)
+    recon = rec.pow(2).mean()
+    term, logs = adv.generator_term(rec, recon, w, step=2)
+    assert term.item() == 0.0 and logs == {}
+    term, logs = adv.generator_term(rec, recon, w, step=3)
+    g_rec = torch.autograd.grad(recon, w, retain_graph=True)[0].norm()
+    g_adv = torch.autograd.grad(term / (0.5 * logs["lam"]), w, retain_graph=True)[0].norm()
+    assert abs(logs["lam"] - (g_rec / (g_adv + 1e-4)).item()) < 1e-4 * logs["lam"]
+    before = [p.clone() for p in adv.disc.parameters()]
+    out = adv.disc_step(torch.rand(2, 3, 16, 16), rec)
+    assert set(out) == {"d_loss", "d_real", "d_fake"}
+    assert any(not torch.equal(a, b) for a, b in zip(before, adv.disc.parameters(), strict=True))
+    assert PatchDiscriminator(8, 3)(torch.zeros(1, 3, 128, 128)).shape == (1, 1, 14, 14)
+    with pytest.raises(InvalidOption, match="disc_channels"):
+        PatchDiscriminator(10, 1)
+    too_deep = gan_config(tok_config(data_dir, steps=1))
+    too_deep = dataclasses.replace(too_deep, loss=dataclasses.replace(too_deep.loss, disc_layers=3))
+    with pytest.raises(InvalidOption, match=r"loss.disc_layers=3 needs images of at least 24 px, got 16"):
+        train_tokenizer(too_deep, tmp_path / "deep", progress=False)

@@ -444,3 +444,16 @@ def test_held_out_evaluation_for_kl_and_far(tmp_path: Path, data_dir: Path, trai
     assert all(torch.equal(a[k], b[k]) for k in a)
     vl, tl = far_ev.history["val_loss"], far_ev.history["train_eval_loss"]
     assert len(vl) == len(tl) == 2 and all(math.isfinite(x) for x in vl + tl)
+
+
+def test_kl_adversarial_resume_is_exact(tmp_path: Path, data_dir: Path) -> None:
+    """The KL autoencoder with the patch critic: the term changes training and resume stays exact."""
+    from train_helpers import gan_config
+
+    cfg = gan_config(kl_cfg(data_dir, steps=4, ckpt_every=2))
+    full = train_kl(cfg, tmp_path / "full", progress=False)
+    plain = train_kl(kl_cfg(data_dir, steps=4, ckpt_every=2), tmp_path / "plain", progress=False)
+    assert full.history["loss"][1:] != plain.history["loss"][1:]
+    _run_until(train_kl, cfg, tmp_path / "cut", stop_after=2)
+    resumed = train_kl(cfg, tmp_path / "cut", progress=False)
+    assert resumed.history["loss"] == full.history["loss"]

@@ -78,6 +78,14 @@ def tok_config(data: Path, steps: int = 6, **run: int) -> TokenizerTrainConfig:
     )
 
 
+def gan_config(cfg, weight: float = 0.5, start: int = 1):  # type: ignore[no-untyped-def]
+    """``cfg`` (tokenizer or KL) with the adversarial term on; one halving suits the 16 px test images."""
+    import dataclasses
+
+    loss = dataclasses.replace(cfg.loss, gan_weight=weight, gan_start=start, disc_channels=8, disc_layers=1)
+    return dataclasses.replace(cfg, loss=loss)
+
+
 def var_config(data: Path, tokenizer: Path, steps: int = 6, **run: int) -> VARTrainConfig:
     return VARTrainConfig(
         model=VARModelConfig(depth=1, embed_dim=32, num_heads=2),
@@ -88,8 +96,11 @@ def var_config(data: Path, tokenizer: Path, steps: int = 6, **run: int) -> VARTr
     )
 
 
-def ddp_dump_worker(rank: int, world: int, port: int, data: str, out: str, result_dir: str) -> None:
-    """Like ``ddp_worker`` but saves this rank's live model and EMA weights for comparison."""
+def ddp_dump_worker(
+    rank: int, world: int, port: int, data: str, out: str, result_dir: str, gan: bool = False
+) -> None:
+    """Like ``ddp_worker`` but saves this rank's live model and EMA weights (and, with ``gan``, the
+    discriminator of an adversarial run) for comparison."""
     import os
 
     import torch
@@ -113,12 +124,14 @@ def ddp_dump_worker(rank: int, world: int, port: int, data: str, out: str, resul
     ctx = init_distributed("cpu")
     try:
         cfg = tok_config(Path(data), steps=4, ckpt_every=2)
+        if gan:
+            cfg = gan_config(cfg)
         task = TokenizerTask(cfg, load_dataset(cfg.data), ctx)
         loop = TrainLoop(task, to_dict(cfg), cfg.optim, cfg.run, Path(out), ctx, progress=False)
         loop.fit()
-        torch.save(
-            {"model": loop.model.state_dict(), "ema": loop.ema.state_dict(), "usage": task.usage},
-            Path(result_dir) / f"rank{rank}.pt",
-        )
+        dump = {"model": loop.model.state_dict(), "ema": loop.ema.state_dict(), "usage": task.usage}
+        if task.adversary is not None:
+            dump["disc"] = task.adversary.disc.state_dict()
+        torch.save(dump, Path(result_dir) / f"rank{rank}.pt")
     finally:
         shutdown(ctx)

@@ -30,6 +30,7 @@ from ..io import (
     write_json,
 )
 from ..tokenizers.kl import AutoencoderKL, KLConfig
+from .adversarial import make_adversary
 from .config import DataConfig, OptimConfig, RunConfig, to_dict
 from .data import (
     ImageSet,
@@ -69,6 +70,11 @@ class KLLoss:
     l1_weight: float = 0.5
     kl_weight: float = 1e-4
     perceptual_weight: float = 0.0  # EfficientNet-Lite0 distance (train/perceptual.py); 0 = off
+    gan_weight: float = 0.0  # patch-critic hinge term, adaptively balanced (train/adversarial.py); 0 = off
+    gan_start: int = 0  # step from which the decoder sees the adversarial term (the critic trains from 0)
+    disc_lr: float = 1e-4
+    disc_channels: int = 32
+    disc_layers: int = 3
     scale_images: int = 512  # training images used to measure the latent scale at export
 
 
@@ -188,6 +194,7 @@ class KLTask:
             from .perceptual import load_lite0_perceptual
 
             self.perceptual = load_lite0_perceptual().to(ctx.device)
+        self.adversary = make_adversary(cfg.loss, cfg.run.seed, ctx, data.size)
 
     def batch(self, step: int) -> torch.Tensor:
         """This process's images of ``step`` in [-1, 1], mirrored at random when ``data.hflip``."""
@@ -214,6 +221,13 @@ class KLTask:
             per = self.perceptual(rec, x)
             loss = loss + c.loss.perceptual_weight * per
             logs["perc"] = per.item()
+        if self.adversary is not None:
+            logs.update(self.adversary.disc_step(x, rec))
+            adv, alog = self.adversary.generator_term(
+                rec, loss, self.module.vae.decoder.conv_out.weight, step
+            )
+            loss = loss + adv
+            logs.update(alog)
         logs.update(
             psnr=-10 * torch.log10(mse.detach() / 4 + 1e-12).item(),
             kl=kl.item(),
@@ -236,10 +250,11 @@ class KLTask:
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        return self.adversary.state_dict() if self.adversary is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
+        if self.adversary is not None:
+            self.adversary.load_state_dict(state)
 
     @torch.no_grad()
     def export(self, ema: nn.Module, run_dir: Path) -> Path:

@@ -17,6 +17,7 @@ from torch import nn
 from ..errors import CheckpointMismatch
 from ..io import load_safetensors, load_state_dict_strict, read_json, save_safetensors, write_json
 from ..tokenizers.msvq import VQVAE, MSVQConfig
+from .adversarial import make_adversary
 from .config import TokenizerTrainConfig, to_dict
 from .data import (
     ImageSet,
@@ -146,6 +147,7 @@ class TokenizerTask:
             from .perceptual import load_lite0_perceptual
 
             self.perceptual = load_lite0_perceptual().to(ctx.device)
+        self.adversary = make_adversary(cfg.loss, cfg.run.seed, ctx, data.size)
         V = self.vae_cfg.vocab_size
         self.val = load_validation_set(cfg.data, cfg.run.val_data, data) if cfg.run.eval_every > 0 else None
         self.usage = torch.full((V,), cfg.loss.restart_threshold * 4)  # EMA hits per step, all processes
@@ -170,6 +172,13 @@ class TokenizerTask:
             per = self.perceptual(rec, x)
             recon = recon + c.loss.perceptual_weight * per
             logs["perc"] = per.item()
+        if self.adversary is not None:
+            logs.update(self.adversary.disc_step(x, rec))
+            adv, alog = self.adversary.generator_term(
+                rec, recon, self.module.vae.decoder.conv_out.weight, step
+            )
+            recon = recon + adv
+            logs.update(alog)
         loss = recon + c.loss.vq_weight * vq
         with torch.no_grad():
             counts = torch.bincount(
@@ -233,9 +242,12 @@ class TokenizerTask:
         return {"restarted": float(dead.numel())}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"usage": self.usage, "last_counts": self.last_counts, "restarted": self.restarted}
+        adv = self.adversary.state_dict() if self.adversary is not None else {}
+        return {"usage": self.usage, "last_counts": self.last_counts, "restarted": self.restarted, **adv}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.adversary is not None:
+            self.adversary.load_state_dict(state)
         if "usage" in state:
             self.usage = state["usage"].cpu().clone()
             self.last_counts = state["last_counts"].cpu().clone()
