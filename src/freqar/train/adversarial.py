@@ -109,6 +109,22 @@ class Adversary:
         lam = (gr.norm() / (ga.norm() + 1e-4)).clamp(0.0, 1e4).detach()
         return self.weight * lam * g, {"g_adv": g.item(), "lam": lam.item()}
 
+    def step(
+        self,
+        x: torch.Tensor,
+        rec: torch.Tensor,
+        recon_loss: torch.Tensor,
+        last: torch.Tensor,
+        step: int,
+        logs: dict[str, float],
+    ) -> torch.Tensor:
+        """One training step's share: update the critic on (x, rec), then return the generator's term
+        (add it to the loss); the critic's and the term's numbers go into ``logs``."""
+        logs.update(self.disc_step(x, rec))
+        term, more = self.generator_term(rec, recon_loss, last, step)
+        logs.update(more)
+        return term
+
     def state_dict(self) -> dict[str, Any]:
         return {"disc": self.disc.state_dict(), "disc_opt": self.opt.state_dict()}
 

@@ -222,12 +222,8 @@ class KLTask:
             loss = loss + c.loss.perceptual_weight * per
             logs["perc"] = per.item()
         if self.adversary is not None:
-            logs.update(self.adversary.disc_step(x, rec))
-            adv, alog = self.adversary.generator_term(
-                rec, loss, self.module.vae.decoder.conv_out.weight, step
-            )
-            loss = loss + adv
-            logs.update(alog)
+            last = self.module.vae.decoder.conv_out.weight
+            loss = loss + self.adversary.step(x, rec, loss, last, step, logs)
         logs.update(
             psnr=-10 * torch.log10(mse.detach() / 4 + 1e-12).item(),
             kl=kl.item(),

@@ -173,12 +173,8 @@ class TokenizerTask:
             recon = recon + c.loss.perceptual_weight * per
             logs["perc"] = per.item()
         if self.adversary is not None:
-            logs.update(self.adversary.disc_step(x, rec))
-            adv, alog = self.adversary.generator_term(
-                rec, recon, self.module.vae.decoder.conv_out.weight, step
-            )
-            recon = recon + adv
-            logs.update(alog)
+            last = self.module.vae.decoder.conv_out.weight
+            recon = recon + self.adversary.step(x, rec, recon, last, step, logs)
         loss = recon + c.loss.vq_weight * vq
         with torch.no_grad():
             counts = torch.bincount(
