@@ -77,7 +77,18 @@ class TokenizerModelConfig:
 
 
 @dataclass
-class TokenizerLoss:
+class AdversarialLoss:
+    """The patch critic's settings, shared by both autoencoder losses (train/adversarial.py)."""
+
+    gan_weight: float = 0.0  # patch-critic hinge term, adaptively balanced (train/adversarial.py); 0 = off
+    gan_start: int = 0  # step from which the decoder sees the adversarial term (the critic trains from 0)
+    disc_lr: float = 1e-4
+    disc_channels: int = 32
+    disc_layers: int = 3
+
+
+@dataclass
+class TokenizerLoss(AdversarialLoss):
     """Reconstruction (MSE + L1) + VQ (commitment and codebook) terms; dead-code restarts."""
 
     l1_weight: float = 0.2
@@ -86,11 +97,6 @@ class TokenizerLoss:
     restart_every: int = 50
     restart_threshold: float = 0.01  # EMA hits per step below which a code counts as dead
     perceptual_weight: float = 0.0  # EfficientNet-Lite0 feature distance (train/perceptual.py); 0 = off
-    gan_weight: float = 0.0  # patch-critic hinge term, adaptively balanced (train/adversarial.py); 0 = off
-    gan_start: int = 0  # step from which the decoder sees the adversarial term (the critic trains from 0)
-    disc_lr: float = 1e-4
-    disc_channels: int = 32
-    disc_layers: int = 3
 
 
 @dataclass

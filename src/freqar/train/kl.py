@@ -31,7 +31,7 @@ from ..io import (
 )
 from ..tokenizers.kl import AutoencoderKL, KLConfig
 from .adversarial import make_adversary
-from .config import DataConfig, OptimConfig, RunConfig, to_dict
+from .config import AdversarialLoss, DataConfig, OptimConfig, RunConfig, to_dict
 from .data import (
     ImageSet,
     batch_indices,
@@ -64,17 +64,12 @@ class KLModelConfig:
 
 
 @dataclass
-class KLLoss:
+class KLLoss(AdversarialLoss):
     """mse + l1_weight·L1 + kl_weight·KL (all means per element) + optional perceptual term."""
 
     l1_weight: float = 0.5
     kl_weight: float = 1e-4
     perceptual_weight: float = 0.0  # EfficientNet-Lite0 distance (train/perceptual.py); 0 = off
-    gan_weight: float = 0.0  # patch-critic hinge term, adaptively balanced (train/adversarial.py); 0 = off
-    gan_start: int = 0  # step from which the decoder sees the adversarial term (the critic trains from 0)
-    disc_lr: float = 1e-4
-    disc_channels: int = 32
-    disc_layers: int = 3
     scale_images: int = 512  # training images used to measure the latent scale at export
 
 
