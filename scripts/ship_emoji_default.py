@@ -2,7 +2,8 @@
 
 Usage: python scripts/ship_emoji_default.py RUN_DIR [--cfg 3.0 --top-k 0 --top-p 0.0 --temperature 1.0]
     [--late-from 6 --late-cfg 1.0 --late-temperature 0.3] [--grid docs/x.png] [--tokenizer FT_RUN]
-RUN_DIR is a `freqar train var` folder (its ``model/`` export is used). ``--tokenizer`` swaps in the decoder
+RUN_DIR is a `freqar train var` folder (its ``model/`` export is used) or a model folder (e.g. the bundled
+src/freqar/assets/emoji-default, to swap only its decoder). ``--tokenizer`` swaps in the decoder
 of a decoder-only fine-tune (configs/emoji128_decoder_ft.yaml); its encoder and codebook must equal the VAR
 run's, so the transformer's codes keep their meaning.
 """
@@ -34,7 +35,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer", help="a decoder-only fine-tune run whose decoder replaces the run's")
     args = ap.parse_args()
-    pipe = load_pipeline_dir(Path(args.run_dir) / "model")
+    src = Path(args.run_dir)
+    pipe = load_pipeline_dir(src / "model" if (src / "model").is_dir() else src)
     pipe.name = "emoji"
     if args.tokenizer:
         swap_decoder(pipe.tokenizer, load_tokenizer(args.tokenizer), args.tokenizer)

@@ -492,3 +492,63 @@ def test_adversary_terms_and_bad_settings(tmp_path: Path, data_dir: Path) -> Non
     too_deep = dataclasses.replace(too_deep, loss=dataclasses.replace(too_deep.loss, disc_layers=3))
     with pytest.raises(InvalidOption, match=r"loss.disc_layers=3 needs images of at least 24 px, got 16"):
         train_tokenizer(too_deep, tmp_path / "deep", progress=False)
+
+
+def test_generated_latents_meet_the_critic_and_resume_exactly(
+    tmp_path: Path, data_dir: Path, trained_tok: Path
+) -> None:
+    """loss.gen_latents: a bank of generated f_hat is decoded beside the reconstructions and judged by the
+    critic; the run differs from one without the bank, keeps the codes, resumes exactly; a bank of the
+    wrong shape, without 'fhat', or without the critic/decoder-only run is a one-line config error."""
+    from freqar.errors import InvalidOption
+    from freqar.io import save_safetensors
+    from freqar.train.config import TokenizerInit
+    from freqar.train.data import load_manifest_dataset, to_unit
+    from freqar.train.tokenizer import load_tokenizer
+    from train_helpers import gan_config
+
+    tok = load_tokenizer(trained_tok)
+    x = to_unit(load_manifest_dataset(data_dir, "train").images[:6])
+    bank = tmp_path / "bank.safetensors"
+    # the tokenizer's own latents of shifted images stand in for a model's samples
+    save_safetensors(bank, {"fhat": tok.quantize.encode(tok.encode_latent(x.roll(3, -1)))[1][-1]})
+    init = TokenizerInit(path=str(trained_tok), decoder_only=True)
+    base = gan_config(dataclasses.replace(tok_config(data_dir, steps=4, ckpt_every=2), init=init))
+    cfg = dataclasses.replace(base, loss=dataclasses.replace(base.loss, gen_latents=str(bank)))
+    full = train_tokenizer(cfg, tmp_path / "full", progress=False)
+    plain = train_tokenizer(base, tmp_path / "plain", progress=False)
+    assert full.history["loss"][0] == plain.history["loss"][0]  # before gan_start only the recon loss counts
+    assert full.history["loss"][1:] != plain.history["loss"][1:]
+    after = load_tokenizer(tmp_path / "full")
+    for a, b in zip(tok.encode(x), after.encode(x), strict=True):
+        assert torch.equal(a, b)
+    _run_until(train_tokenizer, cfg, tmp_path / "cut", stop_after=2)
+    assert train_tokenizer(cfg, tmp_path / "cut", progress=False).history["loss"] == full.history["loss"]
+
+    def bad(path: Path, **loss: object) -> None:
+        c = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, gen_latents=str(path), **loss))
+        train_tokenizer(c, tmp_path / "bad", progress=False)
+
+    save_safetensors(tmp_path / "small.safetensors", {"fhat": torch.zeros(2, 16, 3, 3)})
+    save_safetensors(tmp_path / "nofhat.safetensors", {"x": torch.zeros(2)})
+    with pytest.raises(InvalidOption, match=r"holds fhat \(2, 16, 3, 3\)"):
+        bad(tmp_path / "small.safetensors")
+    with pytest.raises(InvalidOption, match="has no 'fhat' tensor"):
+        bad(tmp_path / "nofhat.safetensors")
+    with pytest.raises(InvalidOption, match="needs init.decoder_only=true and loss.gan_weight > 0"):
+        bad(bank, gan_weight=0.0)
+
+
+def test_load_tokenizer_takes_a_model_folders_tokenizer(tmp_path: Path) -> None:
+    """init.path may name a freqar VAR model folder (the bundled emoji model): its tokenizer is loaded."""
+    from conftest import tiny_pipeline
+    from freqar.train.tokenizer import load_tokenizer
+
+    pipe = tiny_pipeline()
+    pipe.save(tmp_path / "model")
+    tok = load_tokenizer(tmp_path / "model")
+    want = pipe.tokenizer.state_dict()
+    assert (
+        all(torch.equal(v, want[k]) for k, v in tok.state_dict().items())
+        and want.keys() == tok.state_dict().keys()
+    )

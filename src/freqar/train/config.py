@@ -97,6 +97,9 @@ class TokenizerLoss(AdversarialLoss):
     restart_every: int = 50
     restart_threshold: float = 0.01  # EMA hits per step below which a code counts as dead
     perceptual_weight: float = 0.0  # EfficientNet-Lite0 feature distance (train/perceptual.py); 0 = off
+    # decoder-only + gan_weight > 0: a bank of the model's own generated latents (scripts/sample_latents.py)
+    # decoded each step beside the reconstructions and judged by the critic ('' = off)
+    gen_latents: str = ""
 
 
 @dataclass

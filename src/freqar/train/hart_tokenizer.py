@@ -71,15 +71,18 @@ class HybridTrainModule(VQTrainModule):
         keep = self.continuous_mask(f.shape[0], f.device)
         return torch.where(keep, f, super().decoder_input(f, f_hat))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, gen_fhat: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
         if not self.decoder_only:
-            return super().forward(x)
+            return super().forward(x, gen_fhat)
         vae = self.vae
         with torch.no_grad():  # codes fixed: only the decoder side learns
             f = vae.encode_latent(x)
             enc = vae.quantize_hybrid(f, skip_continuous=True)
         keep = self.continuous_mask(f.shape[0], f.device)
-        rec = vae.decoder(vae.post_quant_conv(torch.where(keep, f, enc.fhat)))
+        fh = torch.where(keep, f, enc.fhat)
+        rec = vae.decoder(vae.post_quant_conv(fh if gen_fhat is None else torch.cat([fh, gen_fhat.to(fh)])))
         return rec, f.new_zeros(()), enc.idx, f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
 
 

@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointMismatch
+from ..errors import CheckpointMismatch, InvalidOption
 from ..io import load_safetensors, load_state_dict_strict, read_json, save_safetensors, write_json
+from ..pipeline import FORMAT as MODEL_FORMAT
+from ..pipeline import load_pipeline_dir
 from ..tokenizers.msvq import VQVAE, MSVQConfig
 from .adversarial import make_adversary
 from .config import TokenizerTrainConfig, to_dict
@@ -67,15 +69,24 @@ class VQTrainModule(nn.Module):
             vae.post_quant_conv.requires_grad_(True)
             vae.decoder.requires_grad_(True)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
-        """Image in [-1,1] -> (reconstruction, VQ loss, code ids per scale, sampled latents (n, C))."""
+    def forward(
+        self, x: torch.Tensor, gen_fhat: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """Image in [-1,1] -> (reconstruction, VQ loss, code ids per scale, sampled latents (n, C)).
+
+        ``gen_fhat`` (decoder-only runs): generated latents decoded in the same pass; their images follow
+        the B reconstructions in the first output (inside forward, so DDP sees every decoder use).
+        """
         vae, q = self.vae, self.vae.quantize
         if self.decoder_only:
             with torch.no_grad():
                 f = vae.encode_latent(x)
                 idx_list, fhats = q.encode(f)
-            rec = vae.decoder(vae.post_quant_conv(fhats[-1]))
+            fh = fhats[-1] if gen_fhat is None else torch.cat([fhats[-1], gen_fhat.to(fhats[-1])])
+            rec = vae.decoder(vae.post_quant_conv(fh))
             return rec, f.new_zeros(()), idx_list, f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+        if gen_fhat is not None:
+            raise ValueError("generated latents need a decoder-only run")
         f = vae.encode_latent(x)
         B, C, H, W = f.shape
         f_ng = f.detach()
@@ -148,6 +159,7 @@ class TokenizerTask:
 
             self.perceptual = load_lite0_perceptual().to(ctx.device)
         self.adversary = make_adversary(cfg.loss, cfg.run.seed, ctx, data.size)
+        self.gen_fhat = self.load_gen_latents() if cfg.loss.gen_latents else None
         V = self.vae_cfg.vocab_size
         self.val = load_validation_set(cfg.data, cfg.run.val_data, data) if cfg.run.eval_every > 0 else None
         self.usage = torch.full((V,), cfg.loss.restart_threshold * 4)  # EMA hits per step, all processes
@@ -164,7 +176,12 @@ class TokenizerTask:
             flip = torch.rand(x.shape[0], generator=g) < 0.5
             x[flip] = x[flip].flip(-1)
         x = x.to(dev)
-        rec, vq, codes, zs = model(x)
+        gen = None
+        if self.gen_fhat is not None:
+            g = step_generator(c.run.seed, step, self.ctx.rank, 5)
+            gen = self.gen_fhat[torch.randint(0, self.gen_fhat.shape[0], (x.shape[0],), generator=g)].to(dev)
+        rec, vq, codes, zs = model(x, gen)
+        rec, rec_gen = rec[: x.shape[0]], rec[x.shape[0] :]
         mse = F.mse_loss(rec, x)
         recon = mse + c.loss.l1_weight * F.l1_loss(rec, x)
         logs: dict[str, float] = {}
@@ -174,7 +191,10 @@ class TokenizerTask:
             logs["perc"] = per.item()
         if self.adversary is not None:
             last = self.module.vae.decoder.conv_out.weight
-            recon = recon + self.adversary.step(x, rec, recon, last, step, logs)
+            # generated latents (loss.gen_latents) have no target image: they meet only the critic, which
+            # judges them beside the reconstructions
+            fake = rec if gen is None else torch.cat([rec, rec_gen])
+            recon = recon + self.adversary.step(x, fake, recon, last, step, logs)
         loss = recon + c.loss.vq_weight * vq
         with torch.no_grad():
             counts = torch.bincount(
@@ -192,6 +212,27 @@ class TokenizerTask:
         psnr = -10 * torch.log10(mse.detach() / 4 + 1e-12)  # images span [-1, 1]: peak-to-peak 2
         logs.update(psnr=psnr.item(), vq=vq.item(), used=self.active_fraction())
         return loss, logs, x.shape[0]
+
+    def load_gen_latents(self) -> torch.Tensor:
+        """The ``loss.gen_latents`` bank (scripts/sample_latents.py): (N, C, h, w) f_hat of the model's own
+        samples. Tuning the decoder against the critic on them fits it to what the transformer generates,
+        not only to the encoder's latents of real images."""
+        c = self.cfg
+        path = c.loss.gen_latents
+        if not c.init.decoder_only or self.adversary is None:
+            raise InvalidOption("loss.gen_latents needs init.decoder_only=true and loss.gan_weight > 0")
+        bank = load_safetensors(path)  # a missing or unreadable file is a one-line error naming it
+        if "fhat" not in bank:
+            raise InvalidOption(f"loss.gen_latents '{path}' has no 'fhat' tensor (scripts/sample_latents.py)")
+        fhat = bank["fhat"].float()
+        p = self.vae_cfg.patch_nums[-1]
+        want = (self.vae_cfg.z_channels, p, p)
+        if fhat.dim() != 4 or tuple(fhat.shape[1:]) != want or fhat.shape[0] == 0:
+            raise InvalidOption(
+                f"loss.gen_latents '{path}' holds fhat {tuple(fhat.shape)}; this tokenizer needs "
+                f"(N, {want[0]}, {p}, {p})"
+            )
+        return fhat
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         """Reconstruction loss (MSE + L1 weight·L1, no perceptual term) and PSNR of the held-out images, and
@@ -274,11 +315,14 @@ def save_tokenizer(vae: VQVAE, out: Path, extra: dict | None = None) -> None:
 
 
 def load_tokenizer(path: str | Path) -> VQVAE:
-    """A trained tokenizer: its export folder, or the run folder that holds ``tokenizer/``."""
+    """A trained tokenizer: its export folder, the run folder that holds ``tokenizer/``, or a freqar VAR model
+    folder (e.g. the bundled ``emoji``), whose tokenizer is taken."""
     p = Path(path)
     if (p / "tokenizer" / "config.json").is_file():
         p = p / "tokenizer"
     cfg = read_json(p / "config.json")
+    if isinstance(cfg, dict) and cfg.get("format") == MODEL_FORMAT and cfg.get("family", "var") == "var":
+        return load_pipeline_dir(p).tokenizer.requires_grad_(False)
     if not isinstance(cfg, dict) or cfg.get("format") != TOKENIZER_FORMAT:
         raise CheckpointMismatch(f"'{p / 'config.json'}' is not a freqar tokenizer export")
     vae = VQVAE(MSVQConfig(**cfg["tokenizer"]))
