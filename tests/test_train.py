@@ -537,6 +537,8 @@ def test_generated_latents_meet_the_critic_and_resume_exactly(
         bad(tmp_path / "nofhat.safetensors")
     with pytest.raises(InvalidOption, match="needs init.decoder_only=true and loss.gan_weight > 0"):
         bad(bank, gan_weight=0.0)
+    with pytest.raises(InvalidOption, match=r"loss.gen_latents: weights not found: '.*missing.safetensors'"):
+        bad(tmp_path / "missing.safetensors")
 
 
 def test_load_tokenizer_takes_a_model_folders_tokenizer(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointMismatch, InvalidOption
+from ..errors import CheckpointMismatch, InvalidOption, WeightsNotFound
 from ..io import load_safetensors, load_state_dict_strict, read_json, save_safetensors, write_json
 from ..pipeline import FORMAT as MODEL_FORMAT
 from ..pipeline import load_pipeline_dir
@@ -221,7 +221,10 @@ class TokenizerTask:
         path = c.loss.gen_latents
         if not c.init.decoder_only or self.adversary is None:
             raise InvalidOption("loss.gen_latents needs init.decoder_only=true and loss.gan_weight > 0")
-        bank = load_safetensors(path)  # a missing or unreadable file is a one-line error naming it
+        try:
+            bank = load_safetensors(path)
+        except WeightsNotFound as e:  # missing or unreadable: name the key as well as the file
+            raise InvalidOption(f"loss.gen_latents: {e}") from None
         if "fhat" not in bank:
             raise InvalidOption(f"loss.gen_latents '{path}' has no 'fhat' tensor (scripts/sample_latents.py)")
         fhat = bank["fhat"].float()
