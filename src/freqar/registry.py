@@ -81,8 +81,9 @@ BUNDLED_FAR = {"far-emoji": "far-emoji"}  # FAR family (models/far_pipeline.py b
 # whose paired-bootstrap 95% interval stays within +5% FD of dense on that model, at the largest sample
 # count measured (README); other models get the paper's SparseVAR, FAR models farskip's defaults.
 # emoji: SparseVAR with a 97% keep budget per sparse stage and no logit copying (beta 1: excluded tokens
-# add a zero residual), 1.03x at +2.1% [1.0, 3.1] FD on 500 samples with the adversarially tuned decoder
-# (keep 0.95: 1.05x at +4.0% [2.9, 5.3], its interval over the line; keep 0.92: 1.10x at +5.1%).
+# add a zero residual), 1.02x at +1.9% [1.0, 2.8] FD on 500 samples with the decoder tuned on generated
+# latents (keep 0.95: +3.5% [2.3, 4.9] but 1.00x, within the timing noise; keep 0.92: 1.05x at +4.5%
+# [3.2, 6.2], its interval over the line).
 # far-emoji: farskip at tau 0.2, 1.54x at +3.0% on 100 samples of the fifth-round weights (tau 0.4: 1.73x
 # at +4.7%, too close to the line).
 STUDIED_ACCEL: dict[str, tuple[str, dict[str, int | float]]] = {
