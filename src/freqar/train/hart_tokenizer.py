@@ -81,8 +81,7 @@ class HybridTrainModule(VQTrainModule):
             f = vae.encode_latent(x)
             enc = vae.quantize_hybrid(f, skip_continuous=True)
         keep = self.continuous_mask(f.shape[0], f.device)
-        fh = torch.where(keep, f, enc.fhat)
-        rec = vae.decoder(vae.post_quant_conv(fh if gen_fhat is None else torch.cat([fh, gen_fhat.to(fh)])))
+        rec = self.decode_with_generated(torch.where(keep, f, enc.fhat), gen_fhat)
         return rec, f.new_zeros(()), enc.idx, f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
 
 

@@ -82,8 +82,7 @@ class VQTrainModule(nn.Module):
             with torch.no_grad():
                 f = vae.encode_latent(x)
                 idx_list, fhats = q.encode(f)
-            fh = fhats[-1] if gen_fhat is None else torch.cat([fhats[-1], gen_fhat.to(fhats[-1])])
-            rec = vae.decoder(vae.post_quant_conv(fh))
+            rec = self.decode_with_generated(fhats[-1], gen_fhat)
             return rec, f.new_zeros(()), idx_list, f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
         if gen_fhat is not None:
             raise ValueError("generated latents need a decoder-only run")
@@ -108,6 +107,12 @@ class VQTrainModule(nn.Module):
         vq_loss = vq_loss / S
         rec = vae.decoder(vae.post_quant_conv(self.decoder_input(f, f_hat)))
         return rec, vq_loss, codes, torch.cat(zs)
+
+    def decode_with_generated(self, fhat: torch.Tensor, gen_fhat: torch.Tensor | None) -> torch.Tensor:
+        """Decoder on ``fhat`` with the generated latents (if any) appended as extra rows, in one pass."""
+        if gen_fhat is not None:
+            fhat = torch.cat([fhat, gen_fhat.to(fhat)])
+        return self.vae.decoder(self.vae.post_quant_conv(fhat))
 
     def scale_vectors(self, idx_Bl: torch.Tensor, pn: int, si: int) -> torch.Tensor:
         """Scale ``si``'s codes on the latent grid, Phi(up(emb(idx))) (a subclass may change the rule)."""
