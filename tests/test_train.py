@@ -541,6 +541,49 @@ def test_generated_latents_meet_the_critic_and_resume_exactly(
         bad(tmp_path / "missing.safetensors")
 
 
+def test_disc_init_starts_the_critic_from_a_run(tmp_path: Path, data_dir: Path) -> None:
+    """loss.disc_init: a new round starts with the critic (and its optimizer's moments) of an earlier run's
+    checkpoint rather than a fresh one; a missing file, a run without a critic or a critic of another shape
+    is a one-line config error."""
+    from freqar.errors import InvalidOption
+    from freqar.train.tokenizer import TokenizerTask
+    from train_helpers import gan_config
+
+    first = gan_config(tok_config(data_dir, steps=3, ckpt_every=3))
+    train_tokenizer(first, tmp_path / "first", progress=False)
+    ck = torch.load(tmp_path / "first" / "checkpoint.pt", weights_only=True)
+    cfg = dataclasses.replace(
+        first, loss=dataclasses.replace(first.loss, disc_init=str(tmp_path / "first" / "checkpoint.pt"))
+    )
+    from freqar.train.data import load_dataset
+    from freqar.train.dist import DistContext
+
+    ctx = DistContext(rank=0, world=1, local_rank=0, device="cpu")
+    task = TokenizerTask(cfg, load_dataset(cfg.data), ctx)
+    assert task.adversary is not None
+    for k, v in task.adversary.disc.state_dict().items():
+        assert torch.equal(v, ck["task_state"]["disc"][k]), k
+    assert task.adversary.opt.state_dict()["state"]  # Adam's moments came along
+    fresh = TokenizerTask(first, load_dataset(first.data), ctx).adversary
+    assert fresh is not None
+    assert any(
+        not torch.equal(v, fresh.disc.state_dict()[k]) for k, v in task.adversary.disc.state_dict().items()
+    )
+
+    def bad(path: Path, **loss: object) -> None:
+        c = dataclasses.replace(first, loss=dataclasses.replace(first.loss, disc_init=str(path), **loss))
+        TokenizerTask(c, load_dataset(c.data), ctx)
+
+    with pytest.raises(InvalidOption, match=r"loss.disc_init: checkpoint not found: '.*nothing.pt'"):
+        bad(tmp_path / "nothing.pt")
+    plain = tok_config(data_dir, steps=1, ckpt_every=1)
+    train_tokenizer(plain, tmp_path / "plain", progress=False)
+    with pytest.raises(InvalidOption, match="holds no critic"):
+        bad(tmp_path / "plain" / "checkpoint.pt")
+    with pytest.raises(InvalidOption, match="does not fit loss.disc_channels"):
+        bad(tmp_path / "first" / "checkpoint.pt", disc_channels=16)
+
+
 def test_load_tokenizer_takes_a_model_folders_tokenizer(tmp_path: Path) -> None:
     """init.path may name a freqar VAR model folder (the bundled emoji model): its tokenizer is loaded."""
     from conftest import tiny_pipeline

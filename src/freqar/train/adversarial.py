@@ -13,6 +13,7 @@ and under DDP their gradients are averaged by hand, so the replicas stay identic
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -145,6 +146,33 @@ def make_adversary(loss: Any, seed: int, ctx: DistContext, image_size: int) -> A
             f"loss.disc_layers={loss.disc_layers} needs images of at least {need} px, got {image_size}; "
             "lower loss.disc_layers"
         )
-    return Adversary(
+    adv = Adversary(
         loss.gan_weight, loss.gan_start, loss.disc_lr, loss.disc_channels, loss.disc_layers, seed, ctx
     )
+    if loss.disc_init:
+        adv.load_state_dict(load_critic(loss.disc_init, adv, ctx))
+    return adv
+
+
+def load_critic(path: str, adv: Adversary, ctx: DistContext) -> dict[str, Any]:
+    """The critic state held in a training checkpoint (``loss.disc_init``), checked against ``adv``'s shapes;
+    read with ``weights_only=True`` like every checkpoint."""
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidOption(f"loss.disc_init: checkpoint not found: '{p}'")
+    try:
+        ck = torch.load(p, map_location=ctx.device, weights_only=True)
+    except Exception as e:
+        raise InvalidOption(f"loss.disc_init: cannot read '{p}': {e}") from None
+    state = ck.get("task_state", {}) if isinstance(ck, dict) else {}
+    if not isinstance(state, dict) or "disc" not in state or "disc_opt" not in state:
+        raise InvalidOption(f"loss.disc_init: '{p}' holds no critic (a run trained with loss.gan_weight > 0)")
+    mine = adv.disc.state_dict()
+    theirs = state["disc"]
+    bad = [k for k in mine if k not in theirs or theirs[k].shape != mine[k].shape]
+    if bad or set(theirs) - set(mine):
+        raise InvalidOption(
+            f"loss.disc_init: the critic in '{p}' does not fit loss.disc_channels / loss.disc_layers "
+            f"(first mismatch: {(bad or sorted(set(theirs) - set(mine)))[0]})"
+        )
+    return {"disc": theirs, "disc_opt": state["disc_opt"]}

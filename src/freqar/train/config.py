@@ -85,6 +85,9 @@ class AdversarialLoss:
     disc_lr: float = 1e-4
     disc_channels: int = 32
     disc_layers: int = 3
+    # a training run's checkpoint.pt whose critic (and its optimizer) this run starts from, so a further round
+    # keeps the critic that has followed the decoder ('' = a fresh critic)
+    disc_init: str = ""
 
 
 @dataclass
