@@ -173,6 +173,29 @@ def test_cli_bench_list_and_errors(capsys) -> None:
     assert err.startswith("freqar: error: unknown scenario") and err.count("\n") == 1
 
 
+def test_depth_override_runs_that_many_blocks(tmp_path, capsys) -> None:
+    """--depth: a depth-cut scenario runs the blocks asked for; at the full depth no estimate is made;
+    scenarios without a cut, or a depth outside [1, full], are one-line errors."""
+    from freqar.bench import with_depth
+
+    cut = with_depth(get_scenario("hart-tiny"), 1)
+    assert cut.depth == 1 and cut.full_depth == 2
+    report = run_bench(cut, methods=["dense"], taus=[], budgets=[], runs=1, warmup=0)
+    assert report["depth"] == 1 and report["full_depth"] == 2
+    assert "latency_full_depth_est_s" in report["results"][0]
+    full = run_bench(get_scenario("hart-tiny"), methods=["dense"], taus=[], budgets=[], runs=1, warmup=0)
+    assert "latency_full_depth_est_s" not in full["results"][0]
+    assert "32 of 32 blocks run (--depth)" in with_depth(get_scenario("infinity-2b"), 32).description
+    base = ["bench", "--runs", "1", "--warmup", "0", "--methods", "dense", "--taus", "", "--budgets", ""]
+    for args, msg in (
+        (["--scenario", "tiny", "--depth", "1"], "--depth applies to the depth-cut scenarios"),
+        (["--scenario", "hart-tiny", "--depth", "3"], "--depth must be in [1, 2] for 'hart-tiny', got 3"),
+    ):
+        assert main([*base, *args, "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1
+
+
 def test_cli_generate_accel_and_save_masks(tmp_path, capsys) -> None:
     out, masks = tmp_path / "s.png", tmp_path / "m.png"
     argv = ["generate", "--labels", "1,2", "--quiet", "--out", str(out)]

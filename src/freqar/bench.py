@@ -12,11 +12,12 @@ import ctypes
 import gc
 import os
 import platform
+import re
 import resource
 import statistics
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +274,26 @@ def get_scenario(name: str) -> Scenario | InfinityScenario | HARTScenario:
 
 
 # ----- cost model --------------------------------------------------------------------------------------
+def with_depth(scenario: Any, depth: int | None) -> Any:
+    """``scenario`` running ``depth`` of its blocks (``--depth``): only scenarios that carry a depth cut
+    (a ``full_depth``) take one, between 1 and that full depth; at the full depth no estimate is needed."""
+    if depth is None:
+        return scenario
+    full = getattr(scenario, "full_depth", None)
+    if full is None or scenario.family == "far":
+        raise InvalidOption(
+            f"--depth applies to the depth-cut scenarios (infinity-2b, hart-1024), not '{scenario.name}'"
+        )
+    if not 1 <= depth <= full:
+        raise InvalidOption(f"--depth must be in [1, {full}] for '{scenario.name}', got {depth}")
+    text = re.sub(
+        r"DEPTH CUT to \d+ of (\d+) blocks(?: \([^)]*\))?",
+        rf"{depth} of \1 blocks run (--depth)",
+        scenario.description,
+    )
+    return replace(scenario, depth=depth, description=text)
+
+
 def transformer_flops(cfg: VARConfig, tokens_per_stage: list[float], rows: int) -> float:
     """FLOPs of the transformer for the given computed tokens per stage (one sample, ``rows`` CFG rows).
 

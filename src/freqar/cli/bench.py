@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..bench import get_scenario, run_bench, scenarios, write_report
+from ..bench import get_scenario, run_bench, scenarios, with_depth, write_report
 from ..errors import InvalidOption
 from .common import float_list, resolve_device
 
@@ -26,6 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
     p.add_argument("--no-plot", action="store_true", help="skip bench.png")
     p.add_argument("--quiet", action="store_true", help="no per-run log")
+    p.add_argument(
+        "--depth",
+        type=int,
+        default=None,
+        help="blocks to run in a depth-cut scenario (infinity-2b, hart-1024); its full depth fits a GPU",
+    )
     p.set_defaults(func=run)
 
 
@@ -40,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if args.warmup < 0:
         raise InvalidOption(f"--warmup must be >= 0, got {args.warmup}")
     report = run_bench(
-        get_scenario(args.scenario),
+        with_depth(get_scenario(args.scenario), args.depth),
         methods=methods,
         taus=float_list(args.taus, "--taus"),
         budgets=float_list(args.budgets, "--budgets"),

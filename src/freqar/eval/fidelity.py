@@ -36,7 +36,7 @@ def ssim_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         size = (a.shape[-2] * -(-11 // side), a.shape[-1] * -(-11 // side))
         a, b = F.interpolate(a, size=size, mode="nearest"), F.interpolate(b, size=size, mode="nearest")
     C = a.shape[1]
-    x = torch.arange(11, dtype=torch.float32) - 5
+    x = torch.arange(11, dtype=torch.float32, device=a.device) - 5
     g = torch.exp(-(x**2) / (2 * 1.5**2))
     g = g / g.sum()
     win = (g[:, None] * g[None, :]).expand(C, 1, 11, 11).contiguous()

@@ -117,7 +117,7 @@ class FARSkipPolicy:
         st.computed_Bl = computed
         if n == l:
             return Selection()
-        index, valid = selection_from_mask(computed)
+        index, valid = selection_from_mask(computed, n)  # topk: every row holds exactly n
         return Selection(index=index, valid=valid)
 
     def fill(

@@ -123,8 +123,46 @@ class SparseVARState:
     anchor_l: torch.Tensor | None = None  # (l,) uniform grid, or (B, l) adaptive anchors
     anchor_sim: torch.Tensor | None = None  # adaptive: best similarity to an anchor in reach (B, l)
     anchor_pos: torch.Tensor | None = None  # adaptive: that anchor's position (B, l)
-    masks: list[torch.Tensor] = field(default_factory=list)  # per stage (B, h, w) uint8 codes
-    stats: list[dict] = field(default_factory=list)
+    # (stage, (B, l) uint8 codes) still on the device: read back once, when masks or stats are first asked
+    # for, so a GPU run does not wait for the device at every stage
+    pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    done_masks: list[torch.Tensor] = field(default_factory=list)
+    done_stats: list[dict] = field(default_factory=list)
+
+    @property
+    def masks(self) -> list[torch.Tensor]:
+        """Per recorded stage, (B, h, w) uint8 codes on the CPU."""
+        self._flush()
+        return self.done_masks
+
+    @property
+    def stats(self) -> list[dict]:
+        self._flush()
+        return self.done_stats
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        flat = torch.cat([c.reshape(-1) for _, c in self.pending]).cpu()  # one device-to-host copy
+        at = 0
+        for stage, c in self.pending:
+            h, w = self.grids[stage]
+            code = flat[at : at + c.numel()].view(self.batch, h, w)
+            at += c.numel()
+            rows = code.view(self.batch, h * w)
+            n = [(rows == k).sum(dim=1) for k in (COMPUTED, ANCHOR, COPIED, ZEROED)]
+            self.done_masks.append(code)
+            self.done_stats.append(
+                {
+                    "stage": stage,
+                    "grid": [h, w],
+                    "computed": (n[0] + n[1]).tolist(),
+                    "anchors": n[1].tolist(),
+                    "copied": n[2].tolist(),
+                    "zeroed": n[3].tolist(),
+                }
+            )
+        self.pending.clear()
 
 
 def predictive_entropy(logits_BlV: torch.Tensor) -> torch.Tensor:
@@ -223,15 +261,27 @@ def adaptive_anchors(
     return anchor, best, pos
 
 
-def selection_from_mask(computed_Bl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Row-major positions of the True entries, padded to the largest count (+ validity if counts differ)."""
+def selection_from_mask(
+    computed_Bl: torch.Tensor, count: int | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Row-major positions of the True entries, padded to the largest count (+ validity if counts differ);
+    (None, None) when every position is computed. ``count``: every row is known to hold exactly that many
+    (a keep budget), which spares the one read of the counts from the device."""
     B, l = computed_Bl.shape
-    counts = computed_Bl.sum(dim=1)
-    n = int(counts.max())
+    counts = None
+    if count is None:
+        counts = computed_Bl.sum(dim=1)
+        per_row = counts.tolist()  # the one device-to-host read: the selection's shape depends on it
+        n, same = max(per_row), min(per_row) == max(per_row)
+    else:
+        n, same = count, True
+    if same and n == l:
+        return None, None
     key = (~computed_Bl).long() * l + torch.arange(l, device=computed_Bl.device)
     index = key.sort(dim=1).indices[:, :n]  # computed positions first, in order; padding = excluded ones
-    if bool((counts == n).all()):
+    if same:
         return index, None
+    assert counts is not None
     return index, torch.arange(n, device=computed_Bl.device)[None, :] < counts[:, None]
 
 
@@ -301,16 +351,17 @@ class SparseVARPolicy:
                 )
             computed = ~low | anchor
         else:
-            n_keep = min(h * w, max(int(anchor.sum()), round(self.cfg.keep * h * w)))
+            n_anchor = -(-h // self.cfg.alpha) * -(-w // self.cfg.alpha)  # anchor_mask's count, on the host
+            n_keep = min(h * w, max(n_anchor, round(self.cfg.keep * h * w)))
             key = torch.where(prev_low, dF - dF.amax(dim=1, keepdim=True) - 1.0, dF)
             key = key.masked_fill(anchor, torch.inf)
             computed = torch.zeros_like(prev_low)
             computed.scatter_(1, key.topk(n_keep, dim=1).indices, True)
             low = ~computed
         st.low_Bl, st.computed_Bl, st.anchor_l = low, computed, anchor
-        if bool(computed.all()):
+        index, valid = selection_from_mask(computed, n_keep if self.cfg.keep is not None else None)
+        if index is None:
             return Selection(taps=taps)
-        index, valid = selection_from_mask(computed)
         return Selection(index=index, valid=valid, taps=taps)
 
     # ----- fill --------------------------------------------------------------------------------------
@@ -372,23 +423,11 @@ class SparseVARPolicy:
         code[anchor & st.low_Bl] = ANCHOR  # computed only because it is an anchor
         code[copied] = COPIED
         code[zeroed] = ZEROED
-        keep = None if not bool(zeroed.any()) else ~zeroed
-        return keep, code
+        # always a mask, even when nothing is zeroed (× 1.0 changes no bit): asking would wait for the device
+        return ~zeroed, code
 
     def _record(self, stage: int, st: SparseVARState, code_Bl: torch.Tensor) -> None:
-        h, w = st.grids[stage]
-        st.masks.append(code_Bl.view(st.batch, h, w).cpu())
-        counts = torch.stack([(code_Bl == c).sum(dim=1) for c in (COMPUTED, ANCHOR, COPIED, ZEROED)]).cpu()
-        st.stats.append(
-            {
-                "stage": stage,
-                "grid": [h, w],
-                "computed": (counts[0] + counts[1]).tolist(),
-                "anchors": counts[1].tolist(),
-                "copied": counts[2].tolist(),
-                "zeroed": counts[3].tolist(),
-            }
-        )
+        st.pending.append((stage, code_Bl))
 
     def stats(self, st: SparseVARState) -> list[dict]:
         """Per sparse stage (P-1 on) and sample: tokens computed, anchors in the low set, copied, zeroed."""
