@@ -206,3 +206,18 @@ def test_late_guidance_and_sampler_settings():
             SamplerConfig(**bad)
     with pytest.raises(InvalidOption, match="late_cfg"):
         Guidance(late_from=1, late_cfg=-1.0)
+
+
+def test_span_clock_on_the_cpu_times_each_span() -> None:
+    import time
+
+    from freqar.engine.timing import SpanClock
+
+    clock = SpanClock("cpu")
+    for d in (0.0, 0.02):
+        mark = clock.start()
+        time.sleep(d)
+        clock.stop(mark)
+    first, second = clock.seconds()
+    assert 0 <= first < 0.015 and 0.015 <= second < 0.5
+    assert clock.total() == first + second and clock.seconds() == [first, second]

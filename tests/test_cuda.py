@@ -98,6 +98,18 @@ def test_var_generates_on_cuda_and_policies_keep_their_tensors_there() -> None:
         assert sum(res.tokens_computed[-1]) < 3 * 64, name
 
 
+def test_generation_waits_for_the_device_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stage timing uses CUDA events: one synchronize per generation, not one per stage."""
+    pipe = _tiny_var()
+    pipe.generate([0], seed=0)  # warm-up
+    calls = []
+    real = torch.cuda.synchronize
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: (calls.append(1), real(*a))[1])
+    out = pipe.generate([0, 1], seed=0, policy=make_policy("sparsevar", keep=0.5, start_stage=3))
+    assert len(calls) == 1
+    assert len(out.stage_seconds) == 6 and all(t > 0 for t in out.stage_seconds) and out.decode_seconds > 0
+
+
 def test_bundled_emoji_model_on_cuda_decodes_like_the_cpu() -> None:
     from freqar.registry import bundled_dir, create_model
 

@@ -16,7 +16,6 @@ import re
 import resource
 import statistics
 import threading
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 
 from .engine.generate import GenerationOutput, generate
 from .engine.heads import BitwiseHead
+from .engine.timing import SpanClock
 from .errors import InvalidOption
 from .eval.fidelity import finite as _finite
 from .eval.fidelity import psnr, ssim, token_agreement
@@ -369,26 +369,26 @@ def hart_flops(
 
 # ----- timing ------------------------------------------------------------------------------------------
 class TimedPolicy:
-    """Wraps a policy and accumulates the wall time of its own work (selection overhead)."""
+    """Wraps a policy and accumulates the time of its own work (selection overhead), on the device's
+    clock: no wait for the device inside a run (engine/timing.py)."""
 
     def __init__(self, inner: Any, device: torch.device) -> None:
         self.inner = inner
         self.name = inner.name
-        self.device = device
-        self.seconds = 0.0
+        self.clock = SpanClock(device)
         if hasattr(inner, "observe_input"):
             self.observe_input = lambda *a: self._timed(inner.observe_input, *a)
         if hasattr(inner, "observe_output"):
             self.observe_output = lambda *a: self._timed(inner.observe_output, *a)
 
+    @property
+    def seconds(self) -> float:
+        return self.clock.total()
+
     def _timed(self, fn: Any, *args: Any) -> Any:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
+        mark = self.clock.start()
         out = fn(*args)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.seconds += time.perf_counter() - t0
+        self.clock.stop(mark)
         return out
 
     def begin(self, *args: Any) -> Any:
@@ -411,21 +411,25 @@ class _Probe:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.cache: Any = None
-        self.step_seconds = 0.0
+        self.clock: SpanClock | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+    @property
+    def step_seconds(self) -> float:
+        return 0.0 if self.clock is None else self.clock.total()
 
     def new_cache(self, rows: int, dtype: torch.dtype, device: Any) -> Any:
         self.cache = self.inner.new_cache(rows, dtype, device)
         return self.cache
 
     def step(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        _sync(x.device)
-        t0 = time.perf_counter()
+        if self.clock is None:
+            self.clock = SpanClock(x.device)
+        mark = self.clock.start()
         out = self.inner.step(x, *args, **kwargs)
-        _sync(x.device)
-        self.step_seconds += time.perf_counter() - t0
+        self.clock.stop(mark)
         return out
 
     def kv_bytes(self) -> tuple[int, int]:
@@ -437,24 +441,23 @@ class _Probe:
         return alloc * c.length // c.max_len, alloc
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class _TimedHARTHead(HARTHead):
     """HART's head that also times its residual diffusion (the per-token MLP over all sampling steps)."""
 
-    head_seconds = 0.0
+    clock: SpanClock | None = None
+
+    @property
+    def head_seconds(self) -> float:
+        return 0.0 if self.clock is None else self.clock.total()
 
     def last_scale_residual(
         self, idx_Bl: torch.Tensor, stage: int, num_stages: int, rows_Bl: torch.Tensor | None = None
     ) -> Any:
-        _sync(idx_Bl.device)
-        t0 = time.perf_counter()
+        if self.clock is None:
+            self.clock = SpanClock(idx_Bl.device)
+        mark = self.clock.start()
         out = super().last_scale_residual(idx_Bl, stage, num_stages, rows_Bl)
-        _sync(idx_Bl.device)
-        self.head_seconds += time.perf_counter() - t0
+        self.clock.stop(mark)
         return out
 
 

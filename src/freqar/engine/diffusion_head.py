@@ -9,7 +9,6 @@ samples the computed rows only (the cost is steps × computed tokens) and spread
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ from ..errors import InvalidOption
 from ..heads.diffusion_mlp import DiffusionMLP
 from ..interfaces import StagePrediction, StageSample
 from .guidance import Guidance
+from .timing import SpanClock
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class DiffusionHead:
         self.levels = levels
         self.on_step = on_step
         self.process = GaussianDiffusion.respaced(mlp.cfg.diffusion, sampler.steps)
-        self.seconds: list[float] = []  # diffusion time per stage (bench splits transformer vs head)
+        self.clock: SpanClock | None = None  # diffusion time per stage (bench splits transformer vs head)
 
     def predict(self, hidden_RnC: torch.Tensor, cond: Any) -> torch.Tensor:
         return hidden_RnC
@@ -98,7 +98,9 @@ class DiffusionHead:
     def sample(
         self, full: torch.Tensor, stage: int, num_stages: int, generator: torch.Generator | None
     ) -> StageSample:
-        t0 = time.perf_counter()
+        if self.clock is None:
+            self.clock = SpanClock(full.rows.device if isinstance(full, StagePrediction) else full.device)
+        mark = self.clock.start()
         src = None
         if isinstance(full, StagePrediction):  # a policy's row map: sample the computed rows only
             full, src = full.rows, full.src
@@ -134,5 +136,10 @@ class DiffusionHead:
         values = values.view(B, n, -1)
         if src is not None:  # rows back on the grid; positions not computed get row 0 (keep_Bl drops them)
             values = values.gather(1, src.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
-        self.seconds.append(time.perf_counter() - t0)
+        self.clock.stop(mark)
         return StageSample(values=values)
+
+    @property
+    def seconds(self) -> list[float]:
+        """Diffusion time of each stage sampled so far."""
+        return [] if self.clock is None else self.clock.seconds()

@@ -19,11 +19,13 @@ from ..interfaces import Selection, StageHead, Tokenizer, TokenPolicy, Transform
 from .guidance import Guidance
 from .heads import CategoricalHead
 from .sampling import SamplerConfig
+from .timing import SpanClock
 
 
 @dataclass
 class StageInfo:
-    """What the callback receives after each stage."""
+    """What the callback receives after each stage. ``seconds`` is host time: on a GPU, the time to queue
+    the stage (the engine does not wait for the device; GenerationOutput.stage_seconds has device time)."""
 
     stage: int
     num_stages: int
@@ -69,11 +71,6 @@ class DensePolicy:
 
     def stats(self, state: Any) -> list[dict]:
         return []
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def draw_labels(num_classes: int, batch: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -131,10 +128,10 @@ def generate(
     cache = transformer.new_cache(R, torch.float32, device)
     canvas = tokenizer.init_canvas(B, device)
     pstate = policy.begin(grids, B, transformer.depth, device)
-    tokens, logits_rec, stage_s, computed = [], [], [], []
+    tokens, logits_rec, computed = [], [], []
+    clock = SpanClock(device)  # no wait for the device between stages (engine/timing.py)
     for k in range(_stages_to_run(policy, S)):
-        _sync(device)
-        t0 = time.perf_counter()
+        host0, mark = time.perf_counter(), clock.start()
         stage_tok = None if k == 0 else tokenizer.next_input(canvas, k)
         observe = getattr(policy, "observe_input", None)
         if observe is not None and stage_tok is not None:
@@ -158,23 +155,23 @@ def generate(
         if observe_out is not None:
             observe_out(k, canvas, pstate)  # optional hook: policies that score the new canvas (farskip)
         tokens.append(drawn.idx if drawn.idx is not None else drawn.values)
-        _sync(device)
-        stage_s.append(time.perf_counter() - t0)
+        clock.stop(mark)
         n = grids[k][0] * grids[k][1]
         counts = [n] * B if sel.valid is None and sel.index is None else _counts(sel, B)
         computed.append(counts)
         if callback is not None:
-            callback(StageInfo(k, S, grids[k], stage_s[-1], counts))
-    t0 = time.perf_counter()
+            callback(StageInfo(k, S, grids[k], time.perf_counter() - host0, counts))
+    mark = clock.start()
     images = tokenizer.decode(canvas)
-    _sync(device)
+    clock.stop(mark)
+    *stage_s, decode_s = clock.seconds()
     return GenerationOutput(
         images=images,
         labels=labels,
         tokens=tokens,
         canvas=canvas,
         stage_seconds=stage_s,
-        decode_seconds=time.perf_counter() - t0,
+        decode_seconds=decode_s,
         tokens_computed=computed,
         grids=grids,
         logits=logits_rec if record_logits else None,
