@@ -1,7 +1,8 @@
 """Copy a trained FAR run into the package as the bundled ``far-emoji`` model and draw its README grid.
 
 Usage: python scripts/ship_far_emoji.py RUN_DIR [--cfg 3.0 --steps 25 --temperature 1.0] [--grid docs/x.png]
-RUN_DIR is a `freqar train far` folder (its ``model/`` export: EMA transformer + the KL autoencoder).
+RUN_DIR is a `freqar train far` folder (its ``model/`` export: EMA transformer + the KL autoencoder), or a
+FAR model folder (e.g. the bundled src/freqar/assets/far-emoji, to swap in a new decoder).
 ``--kl`` swaps in the decoder of a decoder-only KL fine-tune (``init.decoder_only``): same latents and scale.
 """
 
@@ -29,7 +30,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kl", help="a decoder-only KL fine-tune run whose decoder replaces the run's")
     args = ap.parse_args()
-    pipe = load_far_dir(Path(args.run_dir) / "model")
+    run = Path(args.run_dir)
+    pipe = load_far_dir(run / "model" if (run / "model" / "config.json").is_file() else run)
     if args.kl:
         swap_decoder(pipe.vae, load_kl(args.kl), args.kl)
     pipe.name = "far-emoji"

@@ -457,3 +457,80 @@ def test_kl_adversarial_resume_is_exact(tmp_path: Path, data_dir: Path) -> None:
     _run_until(train_kl, cfg, tmp_path / "cut", stop_after=2)
     resumed = train_kl(cfg, tmp_path / "cut", progress=False)
     assert resumed.history["loss"] == full.history["loss"]
+
+
+def test_kl_generated_latents_meet_the_critic_and_resume_exactly(
+    tmp_path: Path, data_dir: Path, trained_kl: Path
+) -> None:
+    """loss.gen_latents on a KL autoencoder: a bank of 'z' latents is decoded beside the reconstructions and
+    judged by the critic; the encoder (so the latents a FAR model was trained on) does not move; resume is
+    exact; a bank without 'z', of the wrong shape, or outside a decoder-only critic run is a config error."""
+    import dataclasses
+
+    from freqar.errors import InvalidOption
+    from freqar.io import save_safetensors
+    from freqar.train.kl import KLInit
+    from train_helpers import gan_config
+
+    bank = tmp_path / "bank.safetensors"
+    save_safetensors(bank, {"z": torch.randn(5, 4, 4, 4, generator=torch.Generator().manual_seed(0))})
+    init = KLInit(path=str(trained_kl), decoder_only=True)
+    base = gan_config(dataclasses.replace(kl_cfg(data_dir, steps=4, ckpt_every=2), init=init))
+    cfg = dataclasses.replace(base, loss=dataclasses.replace(base.loss, gen_latents=str(bank)))
+    full = train_kl(cfg, tmp_path / "full", progress=False)
+    plain = train_kl(base, tmp_path / "plain", progress=False)
+    assert full.history["loss"][0] == plain.history["loss"][0]  # before gan_start only the recon loss counts
+    assert full.history["loss"][1:] != plain.history["loss"][1:]
+    before, after = load_kl(trained_kl), load_kl(tmp_path / "full")
+    for k, v in before.encoder.state_dict().items():
+        assert torch.equal(v, after.encoder.state_dict()[k]), k
+    assert any(
+        not torch.equal(v, after.decoder.state_dict()[k]) for k, v in before.decoder.state_dict().items()
+    )
+    _run_until(train_kl, cfg, tmp_path / "cut", stop_after=2)
+    assert train_kl(cfg, tmp_path / "cut", progress=False).history["loss"] == full.history["loss"]
+
+    def bad(path: Path, **loss: object) -> None:
+        c = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, gen_latents=str(path), **loss))
+        train_kl(c, tmp_path / "bad", progress=False)
+
+    save_safetensors(tmp_path / "fhat.safetensors", {"fhat": torch.zeros(2, 4, 4, 4)})
+    save_safetensors(tmp_path / "small.safetensors", {"z": torch.zeros(2, 4, 2, 2)})
+    with pytest.raises(InvalidOption, match="has no 'z' tensor"):
+        bad(tmp_path / "fhat.safetensors")
+    with pytest.raises(InvalidOption, match=r"holds z \(2, 4, 2, 2\); this autoencoder needs \(N, 4, 4, 4\)"):
+        bad(tmp_path / "small.safetensors")
+    with pytest.raises(InvalidOption, match="needs init.decoder_only=true and loss.gan_weight > 0"):
+        bad(bank, gan_weight=0.0)
+
+
+def test_far_model_folder_feeds_the_decoder_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A FAR model folder is a KL source (load_kl, init.path) and scripts/sample_latents.py writes its 'z'
+    bank: the final latents over the autoencoder's scale, which its decoder turns into the images."""
+    import runpy
+    import sys
+
+    from freqar.io import load_safetensors
+    from freqar.models.far_pipeline import load_far_dir
+    from test_far import _tiny_pipe
+
+    pipe = _tiny_pipe()
+    pipe.class_names = ["square", "disc", "stripes"]
+    pipe.save(tmp_path / "far")
+    kl = load_kl(tmp_path / "far")
+    want = pipe.vae.state_dict()
+    assert want.keys() == kl.state_dict().keys() and all(
+        torch.equal(v, want[k]) for k, v in kl.state_dict().items()
+    )
+    data = write_manifest_dataset(tmp_path / "shapes")
+    out = tmp_path / "bank.safetensors"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "sample_latents.py"
+    argv = [str(script), str(tmp_path / "far"), "--data", str(data), "--samples", "3", "--batch", "2"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--seed", "7", "--out", str(out)])
+    runpy.run_path(str(script), run_name="__main__")
+    bank = load_safetensors(out)
+    assert bank["z"].shape == (3, 16, 8, 8) and bank["labels"].shape == (3,)
+    again = load_far_dir(tmp_path / "far").generate(bank["labels"][:2].tolist(), seed=7)
+    with torch.no_grad():
+        images = pipe.vae.decoder(pipe.vae.post_quant_conv(bank["z"][:2])).add(1).div(2).clamp(0, 1)
+    assert torch.allclose(images, again.images, atol=1e-5)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InvalidOption
+from ..errors import InvalidOption, WeightsNotFound
 from .dist import DistContext, all_reduce_sum
 
 
@@ -176,3 +176,29 @@ def load_critic(path: str, adv: Adversary, ctx: DistContext) -> dict[str, Any]:
             f"(first mismatch: {(bad or sorted(set(theirs) - set(mine)))[0]})"
         )
     return {"disc": theirs, "disc_opt": state["disc_opt"]}
+
+
+def load_latent_bank(
+    loss: Any, decoder_only: bool, has_critic: bool, key: str, shape: tuple[int, ...], what: str
+) -> torch.Tensor:
+    """The ``loss.gen_latents`` bank (scripts/sample_latents.py): ``key`` holds (N, *shape) latents of the
+    model's own samples, as the decoder takes them. Tuning the decoder against the critic on them fits it to
+    what the generator produces, not only to the encoder's latents of real images."""
+    from ..io import load_safetensors
+
+    path = loss.gen_latents
+    if not decoder_only or not has_critic:
+        raise InvalidOption("loss.gen_latents needs init.decoder_only=true and loss.gan_weight > 0")
+    try:
+        bank = load_safetensors(path)
+    except WeightsNotFound as e:  # missing or unreadable: name the key as well as the file
+        raise InvalidOption(f"loss.gen_latents: {e}") from None
+    if key not in bank:
+        raise InvalidOption(f"loss.gen_latents '{path}' has no '{key}' tensor (scripts/sample_latents.py)")
+    lat = bank[key].float()
+    if lat.dim() != 1 + len(shape) or tuple(lat.shape[1:]) != shape or lat.shape[0] == 0:
+        raise InvalidOption(
+            f"loss.gen_latents '{path}' holds {key} {tuple(lat.shape)}; this {what} needs "
+            f"(N, {', '.join(str(n) for n in shape)})"
+        )
+    return lat

@@ -88,6 +88,10 @@ class AdversarialLoss:
     # a training run's checkpoint.pt whose critic (and its optimizer) this run starts from, so a further round
     # keeps the critic that has followed the decoder ('' = a fresh critic)
     disc_init: str = ""
+    # decoder-only + gan_weight > 0: a bank of the model's own generated latents (scripts/sample_latents.py:
+    # 'fhat' for a VQ tokenizer, 'z' for a KL autoencoder) decoded each step beside the reconstructions and
+    # judged by the critic ('' = off)
+    gen_latents: str = ""
 
 
 @dataclass
@@ -100,9 +104,6 @@ class TokenizerLoss(AdversarialLoss):
     restart_every: int = 50
     restart_threshold: float = 0.01  # EMA hits per step below which a code counts as dead
     perceptual_weight: float = 0.0  # EfficientNet-Lite0 feature distance (train/perceptual.py); 0 = off
-    # decoder-only + gan_weight > 0: a bank of the model's own generated latents (scripts/sample_latents.py)
-    # decoded each step beside the reconstructions and judged by the critic ('' = off)
-    gen_latents: str = ""
 
 
 @dataclass

@@ -30,7 +30,7 @@ from ..io import (
     write_json,
 )
 from ..tokenizers.kl import AutoencoderKL, KLConfig
-from .adversarial import make_adversary
+from .adversarial import load_latent_bank, make_adversary
 from .config import AdversarialLoss, DataConfig, OptimConfig, RunConfig, to_dict
 from .data import (
     ImageSet,
@@ -129,12 +129,20 @@ class KLTrainModule(nn.Module):
             vae.decoder.requires_grad_(True)
 
     def forward(
-        self, x: torch.Tensor, noise: torch.Tensor
+        self, x: torch.Tensor, noise: torch.Tensor, gen_z: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Image in [-1,1], standard-normal noise shaped like the latent -> (reconstruction, mean, logvar)."""
+        """Image in [-1,1], standard-normal noise shaped like the latent -> (reconstruction, mean, logvar).
+
+        ``gen_z`` (decoder-only runs): generated latents (unscaled, as the decoder takes them) decoded in the
+        same pass; their images follow the B reconstructions in the first output.
+        """
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.decoder_only):
             mean, logvar = self.vae.posterior(self.vae.moments(x))
         z = mean + torch.exp(0.5 * logvar) * noise
+        if gen_z is not None:
+            if not self.decoder_only:
+                raise ValueError("generated latents need a decoder-only run")
+            z = torch.cat([z, gen_z.to(z)])
         return self.vae.decoder(self.vae.post_quant_conv(z)), mean, logvar
 
 
@@ -190,6 +198,11 @@ class KLTask:
 
             self.perceptual = load_lite0_perceptual().to(ctx.device)
         self.adversary = make_adversary(cfg.loss, cfg.run.seed, ctx, data.size)
+        self.gen_z = None
+        if cfg.loss.gen_latents:
+            shape = (self.vae_cfg.embed_dim, self.vae_cfg.latent_side, self.vae_cfg.latent_side)
+            critic = self.adversary is not None
+            self.gen_z = load_latent_bank(cfg.loss, cfg.init.decoder_only, critic, "z", shape, "autoencoder")
 
     def batch(self, step: int) -> torch.Tensor:
         """This process's images of ``step`` in [-1, 1], mirrored at random when ``data.hflip``."""
@@ -207,7 +220,12 @@ class KLTask:
         side = self.vae_cfg.latent_side
         g = step_generator(c.run.seed, step, self.ctx.rank, 1)
         noise = torch.randn(x.shape[0], self.vae_cfg.embed_dim, side, side, generator=g).to(dev)
-        rec, mean, logvar = model(x, noise)
+        gen = None
+        if self.gen_z is not None:  # as many of the model's own latents as the batch has images
+            g = step_generator(c.run.seed, step, self.ctx.rank, 5)
+            gen = self.gen_z[torch.randint(0, self.gen_z.shape[0], (x.shape[0],), generator=g)].to(dev)
+        rec, mean, logvar = model(x, noise, gen)
+        rec, rec_gen = rec[: x.shape[0]], rec[x.shape[0] :]
         mse = F.mse_loss(rec, x)
         kl = kl_divergence(mean, logvar)
         loss = mse + c.loss.l1_weight * F.l1_loss(rec, x) + c.loss.kl_weight * kl
@@ -218,7 +236,9 @@ class KLTask:
             logs["perc"] = per.item()
         if self.adversary is not None:
             last = self.module.vae.decoder.conv_out.weight
-            loss = loss + self.adversary.step(x, rec, loss, last, step, logs)
+            # generated latents have no target image: they meet only the critic, beside the reconstructions
+            fake = rec if gen is None else torch.cat([rec, rec_gen])
+            loss = loss + self.adversary.step(x, fake, loss, last, step, logs)
         logs.update(
             psnr=-10 * torch.log10(mse.detach() / 4 + 1e-12).item(),
             kl=kl.item(),
@@ -302,10 +322,16 @@ def _save_recon(x: torch.Tensor, rec: torch.Tensor, path: Path) -> None:
 
 
 def load_kl(path: str | Path) -> AutoencoderKL:
-    """A trained KL autoencoder: its export folder, or the run folder that holds ``kl/``."""
+    """A trained KL autoencoder: its export folder, the run folder that holds ``kl/``, or a freqar FAR model
+    folder (e.g. the bundled far-emoji), whose autoencoder is taken."""
     p = Path(path)
     if (p / "kl" / "config.json").is_file():
         p = p / "kl"
+    head = read_json(p / "config.json") if (p / "config.json").is_file() else None
+    if isinstance(head, dict) and head.get("family") == "far":
+        from ..models.far_pipeline import load_far_dir
+
+        return load_far_dir(p).vae.eval().requires_grad_(False)
     if not (p / "config.json").is_file():
         raise CheckpointMismatch(f"no KL autoencoder export in '{path}' (expected kl/config.json)")
     cfg = read_json(p / "config.json")

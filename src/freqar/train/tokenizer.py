@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointMismatch, InvalidOption, WeightsNotFound
+from ..errors import CheckpointMismatch
 from ..io import load_safetensors, load_state_dict_strict, read_json, save_safetensors, write_json
 from ..pipeline import FORMAT as MODEL_FORMAT
 from ..pipeline import load_pipeline_dir
 from ..tokenizers.msvq import VQVAE, MSVQConfig
-from .adversarial import make_adversary
+from .adversarial import load_latent_bank, make_adversary
 from .config import TokenizerTrainConfig, to_dict
 from .data import (
     ImageSet,
@@ -219,28 +219,13 @@ class TokenizerTask:
         return loss, logs, x.shape[0]
 
     def load_gen_latents(self) -> torch.Tensor:
-        """The ``loss.gen_latents`` bank (scripts/sample_latents.py): (N, C, h, w) f_hat of the model's own
-        samples. Tuning the decoder against the critic on them fits it to what the transformer generates,
-        not only to the encoder's latents of real images."""
-        c = self.cfg
-        path = c.loss.gen_latents
-        if not c.init.decoder_only or self.adversary is None:
-            raise InvalidOption("loss.gen_latents needs init.decoder_only=true and loss.gan_weight > 0")
-        try:
-            bank = load_safetensors(path)
-        except WeightsNotFound as e:  # missing or unreadable: name the key as well as the file
-            raise InvalidOption(f"loss.gen_latents: {e}") from None
-        if "fhat" not in bank:
-            raise InvalidOption(f"loss.gen_latents '{path}' has no 'fhat' tensor (scripts/sample_latents.py)")
-        fhat = bank["fhat"].float()
+        """The ``loss.gen_latents`` bank: (N, C, h, w) f_hat of the model's own samples."""
         p = self.vae_cfg.patch_nums[-1]
-        want = (self.vae_cfg.z_channels, p, p)
-        if fhat.dim() != 4 or tuple(fhat.shape[1:]) != want or fhat.shape[0] == 0:
-            raise InvalidOption(
-                f"loss.gen_latents '{path}' holds fhat {tuple(fhat.shape)}; this tokenizer needs "
-                f"(N, {want[0]}, {p}, {p})"
-            )
-        return fhat
+        shape = (self.vae_cfg.z_channels, p, p)
+        c = self.cfg
+        return load_latent_bank(
+            c.loss, c.init.decoder_only, self.adversary is not None, "fhat", shape, "tokenizer"
+        )
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         """Reconstruction loss (MSE + L1 weight·L1, no perceptual term) and PSNR of the held-out images, and
