@@ -505,7 +505,7 @@ def test_generated_latents_meet_the_critic_and_resume_exactly(
     from freqar.train.config import TokenizerInit
     from freqar.train.data import load_manifest_dataset, to_unit
     from freqar.train.tokenizer import load_tokenizer
-    from train_helpers import gan_config
+    from train_helpers import bank_runner, gan_config
 
     tok = load_tokenizer(trained_tok)
     x = to_unit(load_manifest_dataset(data_dir, "train").images[:6])
@@ -525,9 +525,7 @@ def test_generated_latents_meet_the_critic_and_resume_exactly(
     _run_until(train_tokenizer, cfg, tmp_path / "cut", stop_after=2)
     assert train_tokenizer(cfg, tmp_path / "cut", progress=False).history["loss"] == full.history["loss"]
 
-    def bad(path: Path, **loss: object) -> None:
-        c = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, gen_latents=str(path), **loss))
-        train_tokenizer(c, tmp_path / "bad", progress=False)
+    bad = bank_runner(train_tokenizer, cfg, tmp_path / "bad")
 
     save_safetensors(tmp_path / "small.safetensors", {"fhat": torch.zeros(2, 16, 3, 3)})
     save_safetensors(tmp_path / "nofhat.safetensors", {"x": torch.zeros(2)})

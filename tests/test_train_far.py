@@ -470,7 +470,7 @@ def test_kl_generated_latents_meet_the_critic_and_resume_exactly(
     from freqar.errors import InvalidOption
     from freqar.io import save_safetensors
     from freqar.train.kl import KLInit
-    from train_helpers import gan_config
+    from train_helpers import bank_runner, gan_config
 
     bank = tmp_path / "bank.safetensors"
     save_safetensors(bank, {"z": torch.randn(5, 4, 4, 4, generator=torch.Generator().manual_seed(0))})
@@ -490,9 +490,7 @@ def test_kl_generated_latents_meet_the_critic_and_resume_exactly(
     _run_until(train_kl, cfg, tmp_path / "cut", stop_after=2)
     assert train_kl(cfg, tmp_path / "cut", progress=False).history["loss"] == full.history["loss"]
 
-    def bad(path: Path, **loss: object) -> None:
-        c = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, gen_latents=str(path), **loss))
-        train_kl(c, tmp_path / "bad", progress=False)
+    bad = bank_runner(train_kl, cfg, tmp_path / "bad")
 
     save_safetensors(tmp_path / "fhat.safetensors", {"fhat": torch.zeros(2, 4, 4, 4)})
     save_safetensors(tmp_path / "small.safetensors", {"z": torch.zeros(2, 4, 2, 2)})

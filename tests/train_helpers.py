@@ -86,6 +86,18 @@ def gan_config(cfg, weight: float = 0.5, start: int = 1):  # type: ignore[no-unt
     return dataclasses.replace(cfg, loss=loss)
 
 
+def bank_runner(train_fn, cfg, out: Path):  # type: ignore[no-untyped-def]
+    """``bad(path, **loss)``: trains ``cfg`` with ``loss.gen_latents=path`` (and other loss fields) into
+    ``out``, for the tests of a latent bank's config errors."""
+    import dataclasses
+
+    def bad(path: Path, **loss: object) -> None:
+        c = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, gen_latents=str(path), **loss))
+        train_fn(c, out, progress=False)
+
+    return bad
+
+
 def var_config(data: Path, tokenizer: Path, steps: int = 6, **run: int) -> VARTrainConfig:
     return VARTrainConfig(
         model=VARModelConfig(depth=1, embed_dim=32, num_heads=2),
