@@ -351,8 +351,7 @@ class SparseVARPolicy:
                 )
             computed = ~low | anchor
         else:
-            n_anchor = -(-h // self.cfg.alpha) * -(-w // self.cfg.alpha)  # anchor_mask's count, on the host
-            n_keep = min(h * w, max(n_anchor, round(self.cfg.keep * h * w)))
+            n_keep = min(h * w, max(anchor_count(h, w, self.cfg.alpha), round(self.cfg.keep * h * w)))
             key = torch.where(prev_low, dF - dF.amax(dim=1, keepdim=True) - 1.0, dF)
             key = key.masked_fill(anchor, torch.inf)
             computed = torch.zeros_like(prev_low)
