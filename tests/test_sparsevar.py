@@ -140,7 +140,19 @@ def test_best_anchor_matches_brute_force() -> None:
                     ]
                     sims = torch.stack([x[b, :, i * w + j] @ x[b, :, c] for c in cands])
                     assert torch.allclose(sim[b, i * w + j], sims.max(), atol=1e-5)
-                    assert int(pos[b, i * w + j]) in cands
+                    p = int(pos[b, i * w + j])
+                    assert p in cands
+                    assert torch.allclose(x[b, :, i * w + j] @ x[b, :, p], sims.max(), atol=1e-5)
+
+
+def test_reused_policy_matches_a_fresh_one(pipe: Pipeline) -> None:
+    """The anchor tables cached on the policy carry no state from one generation to the next."""
+    pol = make_policy("sparsevar", tau=0.8, alpha=2, beta=0.5, start_stage=2)
+    first, again = _run(pipe, pol), _run(pipe, pol)
+    fresh = _run(pipe, make_policy("sparsevar", tau=0.8, alpha=2, beta=0.5, start_stage=2))
+    assert torch.equal(first.images, again.images) and torch.equal(first.images, fresh.images)
+    grids = {(p, p) for p in PN[1:]}  # select needs stage P-1's grid on, fill from P on
+    assert {k[:2] for k in pol._geometry} <= grids and len(pol._geometry) >= 2
 
 
 def test_batch_equals_samples_run_alone(pipe: Pipeline) -> None:

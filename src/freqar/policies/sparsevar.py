@@ -178,43 +178,88 @@ def anchor_mask(h: int, w: int, alpha: int, device: torch.device | str = "cpu") 
     return (rows[:, None] & cols[None, :]).reshape(h * w)
 
 
-def best_anchor(prev_BhwV: torch.Tensor, alpha: int) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class AnchorGeometry:
+    """Index tables of one (h, w, α) grid, built once per policy and device.
+
+    Why: Eq. 3's search is a few gathers and one batched product; built from slices, stacks and
+    permutations every stage it was ~100 small tensor ops, which a GPU pays for in kernel launches.
+    """
+
+    h: int
+    w: int
+    alpha: int
+    anchor_l: torch.Tensor  # (l,) bool: the α×α grid's anchors
+    anchor_pos: torch.Tensor  # (nc,) position of each cell's anchor, cells row-major
+    cell_rows: torch.Tensor  # (nc*α*α,) position of each cell slot; l = padding (a zero row)
+    nbr_rows: torch.Tensor  # (nc*9,) anchor row of each cell's 9 candidate cells (0 where outside)
+    nbr_ok: torch.Tensor  # (nc, 1, 9) bool: that candidate cell exists
+    slot_of_pos: torch.Tensor  # (l,) flat (cell, slot) index of each position
+    cand_of_pos: torch.Tensor  # (l,) 9 * the cell of each position (index base into cand_pos)
+    cand_pos: torch.Tensor  # (nc*9,) position of each cell's candidate anchors (0 where outside)
+    padded: bool  # h or w is not a multiple of α: cells reach the zero row
+
+    @staticmethod
+    def build(h: int, w: int, alpha: int, device: torch.device | str) -> AnchorGeometry:
+        a, l = alpha, h * w
+        nh, nw = math.ceil(h / a), math.ceil(w / a)
+        ci = torch.arange(nh)[:, None].expand(nh, nw).reshape(-1)  # cell row / column, cells row-major
+        cj = torch.arange(nw)[None, :].expand(nh, nw).reshape(-1)
+        si, sj = (
+            torch.arange(a)[:, None].expand(a, a).reshape(-1),
+            torch.arange(a)[None, :].expand(a, a).reshape(-1),
+        )
+        r, c = ci[:, None] * a + si[None], cj[:, None] * a + sj[None]  # (nc, α*α) slot coordinates
+        cell_rows = torch.where((r < h) & (c < w), r * w + c, torch.full_like(r, l)).reshape(-1)
+        di = torch.tensor([-1, -1, -1, 0, 0, 0, 1, 1, 1])  # the 9 candidates, row-major offsets
+        dj = torch.tensor([-1, 0, 1, -1, 0, 1, -1, 0, 1])
+        ni, nj = ci[:, None] + di[None], cj[:, None] + dj[None]  # (nc, 9)
+        ok = (ni >= 0) & (ni < nh) & (nj >= 0) & (nj < nw)
+        nbr_rows = torch.where(ok, ni * nw + nj, torch.zeros_like(ni)).reshape(-1)
+        cand_pos = torch.where(ok, ni * a * w + nj * a, torch.zeros_like(ni)).reshape(-1)
+        pr, pc = (
+            torch.arange(h)[:, None].expand(h, w).reshape(-1),
+            torch.arange(w)[None, :].expand(h, w).reshape(-1),
+        )
+        cell = (pr // a) * nw + pc // a
+        slot_of_pos = cell * a * a + (pr % a) * a + pc % a
+        t = {
+            "anchor_l": anchor_mask(h, w, a),
+            "anchor_pos": ci * a * w + cj * a,
+            "cell_rows": cell_rows,
+            "nbr_rows": nbr_rows,
+            "nbr_ok": ok[:, None, :],
+            "slot_of_pos": slot_of_pos,
+            "cand_of_pos": cell * 9,
+            "cand_pos": cand_pos,
+        }
+        t = {k: v.to(device) for k, v in t.items()}
+        return AnchorGeometry(h, w, a, padded=nh * a != h or nw * a != w, **t)
+
+
+def best_anchor(
+    prev_BhwV: torch.Tensor, alpha: int, geo: AnchorGeometry | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 3: per position, the best cosine similarity to an anchor of its own or the 8 neighbouring cells.
 
     Batched per cell (positions of a cell × its 9 candidate anchors), so the cost is O(l·9·V), not
-    O(l·anchors·V); vocabulary-last layout keeps every copy contiguous. Returns (similarity (B, l),
-    that anchor's position (B, l)).
+    O(l·anchors·V); vocabulary-last layout keeps every row contiguous. Ties go to the first candidate in
+    row-major order. Returns (similarity (B, l), that anchor's position (B, l)).
     """
     B, h, w, V = prev_BhwV.shape
-    a = alpha
-    nh, nw = math.ceil(h / a), math.ceil(w / a)
-    x = F.normalize(prev_BhwV, dim=-1)
-    anchors = x.new_zeros(B, nh + 2, nw + 2, V)  # zero ring = no anchor there (masked below anyway)
-    anchors[:, 1:-1, 1:-1] = x[:, ::a, ::a]
-    offsets = [(di, dj) for di in (-1, 0, 1) for dj in (-1, 0, 1)]
-    shifted = [anchors[:, 1 + di : 1 + di + nh, 1 + dj : 1 + dj + nw] for di, dj in offsets]
-    nbr_N9V = torch.stack(shifted, dim=3).reshape(B * nh * nw, 9, V)
-    if nh * a != h or nw * a != w:
-        x = F.pad(x, (0, 0, 0, nw * a - w, 0, nh * a - h))
-    cells_NcV = x.reshape(B, nh, a, nw, a, V).permute(0, 1, 3, 2, 4, 5).reshape(B * nh * nw, a * a, V)
-    sim = torch.bmm(cells_NcV, nbr_N9V.transpose(1, 2)).view(B, nh, nw, a * a, 9)
-    dev = x.device
-    ci, cj = torch.arange(nh, device=dev), torch.arange(nw, device=dev)
-    di = torch.tensor([o[0] for o in offsets], device=dev)
-    dj = torch.tensor([o[1] for o in offsets], device=dev)
-    ok_r = ((ci[:, None] + di[None]) >= 0) & ((ci[:, None] + di[None]) < nh)  # (nh, 9)
-    ok_c = ((cj[:, None] + dj[None]) >= 0) & ((cj[:, None] + dj[None]) < nw)  # (nw, 9)
-    ok = (ok_r[:, None, :] & ok_c[None, :, :])[None, :, :, None, :]  # (1, nh, nw, 1, 9)
-    best, j = sim.masked_fill(~ok, -torch.inf).max(dim=-1)  # (B, nh, nw, a*a)
-
-    def to_grid(t: torch.Tensor) -> torch.Tensor:
-        return t.view(B, nh, nw, a, a).permute(0, 1, 3, 2, 4).reshape(B, nh * a, nw * a)[:, :h, :w]
-
-    best_Bhw, j_Bhw = to_grid(best), to_grid(j)
-    r = torch.arange(h, device=dev)[:, None] // a
-    c = torch.arange(w, device=dev)[None, :] // a
-    pos = (r + di[j_Bhw]) * a * w + (c + dj[j_Bhw]) * a
-    return best_Bhw.reshape(B, h * w), pos.reshape(B, h * w)
+    if geo is None:
+        geo = AnchorGeometry.build(h, w, alpha, prev_BhwV.device)
+    a, l = alpha, h * w
+    x = F.normalize(prev_BhwV, dim=-1).reshape(B, l, V)
+    nc = geo.anchor_pos.numel()
+    xp = F.pad(x, (0, 0, 0, 1)) if geo.padded else x  # padding slots read a zero row
+    cells = xp.index_select(1, geo.cell_rows).view(B * nc, a * a, V)
+    nbr = x.index_select(1, geo.anchor_pos).index_select(1, geo.nbr_rows).view(B * nc, 9, V)
+    sim = torch.bmm(cells, nbr.transpose(1, 2)).view(B, nc, a * a, 9)
+    best, j = sim.masked_fill(~geo.nbr_ok, -torch.inf).max(dim=-1)  # (B, nc, α*α)
+    best_Bl = best.view(B, -1).index_select(1, geo.slot_of_pos)
+    j_Bl = j.view(B, -1).index_select(1, geo.slot_of_pos)
+    return best_Bl, geo.cand_pos[geo.cand_of_pos + j_Bl]
 
 
 def anchor_count(h: int, w: int, alpha: int) -> int:
@@ -319,6 +364,14 @@ class SparseVARPolicy:
 
     def __init__(self, cfg: SparseVARConfig | None = None) -> None:
         self.cfg = cfg or SparseVARConfig()
+        self._geometry: dict[tuple[int, int, str], AnchorGeometry] = {}
+
+    def geometry(self, h: int, w: int, device: torch.device) -> AnchorGeometry:
+        """The anchor grid's index tables for an h×w stage, built on first use (per device)."""
+        key = (h, w, str(device))
+        if key not in self._geometry:
+            self._geometry[key] = AnchorGeometry.build(h, w, self.cfg.alpha, device)
+        return self._geometry[key]
 
     def begin(
         self, grids: list[tuple[int, int]], batch: int, depth: int, device: torch.device
@@ -341,7 +394,7 @@ class SparseVARPolicy:
         dF = _resize(st.dF_Bl.view(B, 1, ph, pw), (h, w)).reshape(B, h * w)
         prev_low = F.interpolate(st.low_Bl.view(B, 1, ph, pw).float(), size=(h, w), mode="nearest")
         prev_low = prev_low.reshape(B, h * w) > 0.5
-        anchor = anchor_mask(h, w, self.cfg.alpha, dF.device)
+        anchor = self.geometry(h, w, dF.device).anchor_l
         if self.cfg.keep is None:
             low = (dF < self.cfg.tau * dF.amax(dim=1, keepdim=True)) | prev_low  # Eq. 2 + monotone
             if self.cfg.anchors == "adaptive":
@@ -412,16 +465,20 @@ class SparseVARPolicy:
             assert st.anchor_sim is not None and st.anchor_pos is not None
             sim, anchor_pos = st.anchor_sim, st.anchor_pos
         else:
-            sim, anchor_pos = best_anchor(st.prev_BhwV, self.cfg.alpha)
+            _, h, w, _ = st.prev_BhwV.shape
+            sim, anchor_pos = best_anchor(
+                st.prev_BhwV, self.cfg.alpha, self.geometry(h, w, st.prev_BhwV.device)
+            )
             anchor = anchor[None, :]
         excluded = ~computed
         copied = excluded & (sim >= self.cfg.beta)
         src_Bl.copy_(torch.where(copied, src_Bl.gather(1, anchor_pos), src_Bl))
         zeroed = excluded & ~copied
         code = torch.full_like(computed, COMPUTED, dtype=torch.uint8)
-        code[anchor & st.low_Bl] = ANCHOR  # computed only because it is an anchor
-        code[copied] = COPIED
-        code[zeroed] = ZEROED
+        # masked_fill, not code[mask] = …: boolean-index assignment may count the mask on the device
+        code.masked_fill_(anchor & st.low_Bl, ANCHOR)  # computed only because it is an anchor
+        code.masked_fill_(copied, COPIED)
+        code.masked_fill_(zeroed, ZEROED)
         # always a mask, even when nothing is zeroed (× 1.0 changes no bit): asking would wait for the device
         return ~zeroed, code
 
