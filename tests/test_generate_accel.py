@@ -53,6 +53,8 @@ def test_auto_on_emoji_is_the_studied_sparsevar_and_a_threshold_replaces_its_bud
     method, knobs = STUDIED_ACCEL["emoji"]
     pol = build_policy(_args("emoji", "auto"))
     assert pol.name == method and pol.cfg.keep == knobs["keep"] and pol.cfg.beta == knobs["beta"]
+    assert pol.cfg.start_stage == knobs["start_stage"] and pol.cfg.signal == knobs["signal"] == "entropy"
+    assert build_policy(_args("emoji", "auto", signal="dF")).cfg.signal == "dF"  # the user's knob wins
     pol = build_policy(_args("emoji", "auto", tau=0.3))
     assert pol.cfg.keep is None and pol.cfg.tau == 0.3 and pol.cfg.beta == knobs["beta"]
     assert build_policy(_args("emoji", "auto", tau=0.3, keep=0.5)).cfg.keep == 0.5

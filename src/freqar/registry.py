@@ -86,13 +86,14 @@ BUNDLED_FAR = {"far-emoji": "far-emoji"}  # FAR family (models/far_pipeline.py b
 # [3.2, 6.2], its interval over the line).
 # far-emoji: farskip at tau 0.2, 1.54x at +3.0% on 100 samples of the fifth-round weights (tau 0.4: 1.73x
 # at +4.7%, too close to the line).
-STUDIED_ACCEL: dict[str, tuple[str, dict[str, int | float]]] = {
-    "emoji": ("sparsevar", {"keep": 0.97, "beta": 1.0}),
+STUDIED_ACCEL: dict[str, tuple[str, dict[str, int | float | str]]] = {
+    # stop 24: the previous stage's entropy ranks the tokens better than ΔF on this model (README)
+    "emoji": ("sparsevar", {"keep": 0.75, "beta": 1.0, "start_stage": 8, "signal": "entropy"}),
     "far-emoji": ("farskip", {"tau": 0.2}),
 }
 
 
-def recommended_accel(model: str) -> tuple[str, dict[str, int | float]]:
+def recommended_accel(model: str) -> tuple[str, dict[str, int | float | str]]:
     """The accelerated method and knobs ``--accel auto`` picks for ``model`` (FAR models: farskip)."""
     from .models.far_pipeline import is_far_model
 
