@@ -102,7 +102,10 @@ def test_study_runs_end_to_end(pipe: Pipeline, tmp_path: Path, monkeypatch) -> N
     assert {"dense", "sparsevar", "sparsevar+skip", "skip", "fastvar", "fastvar+skip"} <= methods
     assert any(r["knobs"].get("anchors") == "adaptive" for r in rows)
     groups = {g for r in rows for g in r["groups"]}
-    assert {"tau", "anchors", "alpha", "beta", "P", "s", "skip", "fastvar"} <= groups
+    assert {"tau", "anchors", "alpha", "beta", "P", "s", "skip", "fastvar", "signal"} <= groups
+    by_signal = {r["knobs"].get("signal"): r for r in rows if "signal" in r["groups"]}
+    assert set(by_signal) == {"dF", "entropy"}  # one budget in --quick, the same token count for both
+    assert by_signal["dF"]["token_fraction"] == by_signal["entropy"]["token_fraction"]
     assert len({json.dumps([r["method"], r["knobs"]], sort_keys=True) for r in rows}) == len(rows)
     assert rep["calibration"]["block"] in range(3)
     assert {"adaptive_vs_uniform", "best_within_5pct", "skip_effect"} <= set(rep["summary"])

@@ -47,6 +47,7 @@ GROUPS = {
     "s": "probe block s at τ 0.6: fixed blocks against the calibrated one (the paper's Figure 8)",
     "skip": "scale skipping (the last k scales not run): alone, and composed with SparseVAR and FastVAR",
     "fastvar": "FastVAR (peer baseline; prune-only, and as released = + skip)",
+    "signal": "exclusion signal at equal keep budgets (β 1): probe-block ΔF against previous-stage entropy",
 }
 
 
@@ -63,6 +64,7 @@ class StudyPlan:
     skips: tuple[int, ...]
     skip_taus: tuple[float, ...]
     fastvar_keeps: tuple[float, ...]
+    signal_keeps: tuple[float, ...]  # keep budgets at which ΔF and entropy rank the same number of tokens
     samples: int
     batch: int
     calibration_samples: int
@@ -78,6 +80,7 @@ QUICK = StudyPlan(
     skips=(1,),
     skip_taus=(0.6,),
     fastvar_keeps=(),
+    signal_keeps=(0.6,),
     samples=96,
     batch=24,
     calibration_samples=16,
@@ -92,6 +95,7 @@ FULL = StudyPlan(
     skips=(1, 2),
     skip_taus=(0.3, 0.6),
     fastvar_keeps=(0.25, 0.5),
+    signal_keeps=(0.5, 0.6, 0.75),
     samples=300,
     batch=25,
     calibration_samples=64,
@@ -131,6 +135,9 @@ def plan_settings(plan: StudyPlan, num_stages: int, depth: int, calibrated: int)
             sv("skip", "sparsevar+skip", tau=d.tau, anchors="adaptive", skip=k)
             out.append(AccelSetting("fastvar+skip", {"skip": k}, groups=["skip", "fastvar"]))
     sv("skip", tau=d.tau)  # exclusion alone, beside the skip rows
+    for keep in plan.signal_keeps:  # same budget and no logit copying: only the ranking differs
+        for signal in ("dF", "entropy"):
+            sv("signal", keep=keep, beta=1.0, signal=signal)
     out.append(AccelSetting("fastvar", {}, groups=["fastvar"]))
     for keep in plan.fastvar_keeps:
         out.append(AccelSetting("fastvar", {"keep": keep}, groups=["fastvar"]))
