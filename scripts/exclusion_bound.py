@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from freqar.calibrate import spearman
@@ -37,26 +36,29 @@ from freqar.eval.fid import extract, lite0_feature_net
 from freqar.eval.run import EvalSettings, ReferenceScorer, reference_features
 from freqar.io import atomic_write, write_json
 from freqar.pipeline import Pipeline, load_pipeline_dir
+from freqar.policies.sparsevar import _resize
 from freqar.train.data import load_manifest_dataset, to_unit
 
 CRITERIA = ("current residual", "previous residual", "dF block s", "entropy", "random")
-Score = Callable[[int, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# (stage, its residual energies (B, l), the previous stage's (energies, side) or None) -> ranking (B, l)
+Score = Callable[[int, torch.Tensor, tuple[torch.Tensor, int] | None], torch.Tensor]
 
 
-def residual_energy(z_BChw: torch.Tensor) -> torch.Tensor:
-    """Per-token mean square of a stage's residual, (B, h*w): how much this stage still has to add."""
-    return z_BChw.square().mean(dim=1).flatten(1)
+def stage_residual(pipe: Pipeline, rest_BChw: torch.Tensor, si: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What stage ``si`` codes from the latent left so far: its tokens (B, l, C), resized as the encoder
+    does, and their mean square (B, l), how much this stage still has to add at each token."""
+    z_BlC = pipe.tokenizer.quantize.next_input(rest_BChw, si)
+    return z_BlC, z_BlC.square().mean(dim=-1)
 
 
 def resize_to(x_Bl: torch.Tensor, src: int, dst: int) -> torch.Tensor:
-    """A (B, src²) map resized bilinearly to (B, dst²), as SparseVAR resizes ΔF to the next grid."""
-    m = x_Bl.view(-1, 1, src, src).float()
-    return F.interpolate(m, size=(dst, dst), mode="bilinear", align_corners=False).flatten(1)
+    """A (B, src²) map resized to (B, dst²) exactly as SparseVAR resizes ΔF to the next grid."""
+    return _resize(x_Bl.view(-1, 1, src, src).float(), (dst, dst)).flatten(1)
 
 
 @torch.no_grad()
 def teacher_forced_signals(pipe: Pipeline, f_BChw: torch.Tensor, labels: torch.Tensor, block: int) -> dict:
-    """Per stage: ΔF of ``block`` and the logits' entropy on exact codes, (B, l) each, plus the residuals."""
+    """Per stage: ΔF of ``block`` and the logits' entropy on exact codes, (B, l) each."""
     q, model = pipe.tokenizer.quantize, pipe.transformer
     idx_list, _ = q.encode(f_BChw)
     taps: dict[str, torch.Tensor] = {}
@@ -82,12 +84,10 @@ def reencode_with_exclusion(pipe: Pipeline, f_BChw: torch.Tensor, P: int, keep: 
     q = pipe.tokenizer.quantize
     B, C = f_BChw.shape[:2]
     f_rest, f_hat = f_BChw.clone(), torch.zeros_like(f_BChw)
-    S, prev_energy = len(q.patch_nums), None
+    prev_energy = None
     for si, pn in enumerate(q.patch_nums):
-        z = F.interpolate(f_rest, size=(pn, pn), mode="area") if si != S - 1 else f_rest
-        idx = q.nearest_code(z.permute(0, 2, 3, 1).reshape(-1, C)).view(B, pn * pn)
-        vec = q.codes_to_map(idx, pn)
-        energy = residual_energy(z)
+        z, energy = stage_residual(pipe, f_rest, si)
+        vec = q.codes_to_map(q.nearest_code(z.reshape(-1, C)).view(B, pn * pn), pn)
         if score is not None and si >= P:
             s = score(si, energy, prev_energy)
             kept = torch.zeros_like(s, dtype=torch.bool).scatter_(
@@ -104,7 +104,7 @@ def reencode_with_exclusion(pipe: Pipeline, f_BChw: torch.Tensor, P: int, keep: 
 def criterion(name: str, signals: dict, grids: list[int], seed: int) -> Score:
     """The ranking for one criterion: a function of (stage, current residual, previous residual)."""
 
-    def fn(si: int, cur: torch.Tensor, prev: tuple | None) -> torch.Tensor:
+    def fn(si: int, cur: torch.Tensor, prev: tuple[torch.Tensor, int] | None) -> torch.Tensor:
         if name == "current residual":
             return cur
         if name == "previous residual":
@@ -162,13 +162,7 @@ def main() -> None:
         # each signal's agreement with the residual it has to predict, on the dense encoding
         prev_fhat = None
         for si in range(len(grids)):
-            rest = f - (dense_fhats[si - 1] if si else 0)
-            z = (
-                F.interpolate(rest, size=(grids[si], grids[si]), mode="area")
-                if si != len(grids) - 1
-                else rest
-            )
-            cur = residual_energy(z)
+            _, cur = stage_residual(pipe, f - dense_fhats[si - 1] if si else f, si)
             if si >= a.start_stage:
                 for n in CRITERIA:
                     if n != "current residual":
