@@ -27,6 +27,7 @@ bench() {  # bench SCENARIO LIMIT_S ARGS...
     local t0=$SECONDS
     local dir="$OUT/bench/$name"
     case " $* " in *" --batch 8 "*) dir="$dir-b8" ;; esac
+    case " $* " in *" --signal entropy "*) dir="$dir-entropy" ;; esac
     timeout "$limit" $PY -m freqar bench --scenario "$name" --device cuda --quiet --out "$dir" "$@" \
         >>"$OUT/bench.log" 2>&1
     echo "   rc=$? in $((SECONDS - t0)) s" | tee -a "$OUT/bench.log"
@@ -36,6 +37,9 @@ bench var-d16 60 --methods dense,sparsevar,fastvar --taus 0.6 --budgets 0.5,0.3,
 bench infinity-1024 60 --methods dense,sparsevar,fastvar --taus '' --budgets 0.5,0.3,0.15 --runs 3 --warmup 2
 bench var-d16 60 --methods dense,sparsevar,fastvar --taus '' --budgets 0.5,0.3,0.15 --runs 3 --warmup 2 \
     --batch 8
+# the entropy signal (`--accel auto` on emoji) taps no block but takes a softmax over the vocabulary
+bench var-d16 60 --methods dense,sparsevar --taus '' --budgets 0.5,0.3,0.15 --runs 3 --warmup 2 --batch 8 \
+    --signal entropy
 # the CPU runs cut these to 1 and 2 blocks; the card holds the full depth
 bench infinity-2b 90 --methods dense,sparsevar,fastvar --taus '' --budgets 0.5,0.3,0.15 --runs 3 --warmup 2 \
     --depth 32

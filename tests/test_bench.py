@@ -156,12 +156,24 @@ def test_plan_rejects_bad_inputs() -> None:
         plan_settings(["dense", "turbo"], [], [])
     with pytest.raises(InvalidOption, match="budgets"):
         plan_settings(["sparsevar"], [], [1.5])
+    with pytest.raises(InvalidOption, match="--signal must be one of dF, entropy"):
+        plan_settings(["sparsevar"], [0.5], [], "ent")
+    with pytest.raises(InvalidOption, match="applies to the sparsevar method"):
+        plan_settings(["dense", "fastvar"], [], [0.5], "entropy")
     with pytest.raises(InvalidOption, match="unknown scenario"):
         get_scenario("var-d99")
     with pytest.raises(InvalidOption, match="does not apply to the far scenario"):
         run_bench(get_scenario("far-tiny"), methods=["dense", "sparsevar"], taus=[], budgets=[], runs=1)
     with pytest.raises(InvalidOption, match="farskip does not apply to the var scenario"):
         run_bench(get_scenario("tiny"), methods=["farskip"], taus=[], budgets=[], runs=1)
+
+
+def test_plan_carries_the_signal_to_every_sparsevar_setting() -> None:
+    plan = plan_settings(["dense", "sparsevar", "fastvar"], [0.6], [0.5], "entropy")
+    sv = [s for s in plan if s.method == "sparsevar"]
+    assert len(sv) == 3 and all(s.knobs["signal"] == "entropy" and "signal=entropy" in s.label for s in sv)
+    assert all("signal" not in s.knobs for s in plan if s.method != "sparsevar")
+    assert all("signal" not in s.knobs for s in plan_settings(["sparsevar"], [0.6], [0.5]))  # dF: as before
 
 
 def test_cli_bench_list_and_errors(capsys) -> None:

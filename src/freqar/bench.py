@@ -598,8 +598,24 @@ class Setting:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def plan_settings(methods: list[str], taus: list[float], budgets: list[float]) -> list[Setting]:
-    """Dense first, then SparseVAR (disabled check, τ sweep, budgets) and FastVAR (paper ratios, budgets)."""
+def plan_settings(
+    methods: list[str], taus: list[float], budgets: list[float], signal: str = "dF"
+) -> list[Setting]:
+    """Dense first, then SparseVAR (disabled check, τ sweep, budgets) and FastVAR (paper ratios, budgets).
+
+    ``signal`` is SparseVAR's exclusion signal for every setting: the probe block's ΔF (the paper) or the
+    previous stage's entropy, which taps no block but takes a softmax over the vocabulary per token.
+    """
+    from .policies.sparsevar import SIGNALS
+
+    if signal not in SIGNALS:
+        raise InvalidOption(f"--signal must be one of {', '.join(SIGNALS)}, got '{signal}'")
+    if signal != "dF" and "sparsevar" not in methods:
+        raise InvalidOption(
+            f"--signal {signal} applies to the sparsevar method, which --methods does not name"
+        )
+    sv = {} if signal == "dF" else {"signal": signal}
+    tag = "" if signal == "dF" else f" signal={signal}"
     known = {"dense", "sparsevar", "fastvar", "farskip"}
     bad = [m for m in methods if m not in known]
     if bad:
@@ -612,9 +628,13 @@ def plan_settings(methods: list[str], taus: list[float], budgets: list[float]) -
             raise InvalidOption(f"--budgets values must be in (0, 1], got {b}")
     out = [Setting("dense", "dense", mode="dense")]
     if "sparsevar" in methods:
-        out.append(Setting("sparsevar", "sparsevar tau=0 (disabled)", {"tau": 0.0}, "disabled"))
-        out += [Setting("sparsevar", f"sparsevar tau={t:g}", {"tau": t}, "threshold") for t in taus]
-        out += [Setting("sparsevar", f"sparsevar keep={b:g}", {"keep": b}, "budget") for b in budgets]
+        out.append(Setting("sparsevar", f"sparsevar tau=0{tag} (disabled)", {"tau": 0.0, **sv}, "disabled"))
+        out += [
+            Setting("sparsevar", f"sparsevar tau={t:g}{tag}", {"tau": t, **sv}, "threshold") for t in taus
+        ]
+        out += [
+            Setting("sparsevar", f"sparsevar keep={b:g}{tag}", {"keep": b, **sv}, "budget") for b in budgets
+        ]
     if "farskip" in methods:
         out.append(Setting("farskip", "farskip tau=0 (disabled)", {"tau": 0.0}, "disabled"))
         out += [Setting("farskip", f"farskip tau={t:g}", {"tau": t}, "threshold") for t in taus]
@@ -702,6 +722,7 @@ def run_bench(
     threads: int | None = None,
     warmup: int = 1,
     log: Any = None,
+    signal: str = "dF",
 ) -> dict:
     """Run every setting ``runs`` times, interleaved (run r of every setting before run r+1), same seed."""
     if runs < 1:
@@ -712,7 +733,7 @@ def run_bench(
         if threads < 1:
             raise InvalidOption(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-    settings = plan_settings(methods, taus, budgets)
+    settings = plan_settings(methods, taus, budgets, signal)
     far = scenario.family == "far"
     wrong = [m for m in methods if m != "dense" and (m == "farskip") != far]
     if wrong:

@@ -17,6 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", default="dense,sparsevar,fastvar", help="comma-separated methods")
     p.add_argument("--taus", default="0.4,0.5,0.6,0.7", help="SparseVAR thresholds to sweep ('' = none)")
     p.add_argument("--budgets", default="0.5,0.3,0.15", help="keep budgets for sparse stages ('' = none)")
+    p.add_argument(
+        "--signal",
+        default="dF",
+        help="SparseVAR's exclusion signal in every sparsevar setting: dF (paper's probe block) or entropy",
+    )
     p.add_argument("--runs", type=int, default=3, help="timed runs per setting (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed dense runs first (default 1)")
     p.add_argument("--batch", type=int, default=1, help="images per generation (default 1)")
@@ -57,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         warmup=args.warmup,
         log=None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True)),
+        signal=args.signal,
     )
     paths = write_report(report, args.out, plot=not args.no_plot)
     print(f"wrote {', '.join(str(p) for p in paths)}")
