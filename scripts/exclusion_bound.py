@@ -36,7 +36,7 @@ from freqar.eval.fid import extract, lite0_feature_net
 from freqar.eval.run import EvalSettings, ReferenceScorer, reference_features
 from freqar.io import atomic_write, write_json
 from freqar.pipeline import Pipeline, load_pipeline_dir
-from freqar.policies.sparsevar import _resize
+from freqar.policies.sparsevar import _resize, predictive_entropy
 from freqar.train.data import load_manifest_dataset, to_unit
 
 CRITERIA = ("current residual", "previous residual", "dF block s", "entropy", "random")
@@ -57,10 +57,12 @@ def resize_to(x_Bl: torch.Tensor, src: int, dst: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_forced_signals(pipe: Pipeline, f_BChw: torch.Tensor, labels: torch.Tensor, block: int) -> dict:
-    """Per stage: ΔF of ``block`` and the logits' entropy on exact codes, (B, l) each."""
+def teacher_forced_signals(
+    pipe: Pipeline, idx_list: list[torch.Tensor], labels: torch.Tensor, block: int
+) -> dict:
+    """Per stage: ΔF of ``block`` and the logits' entropy (as the policy computes it) on the exact codes
+    ``idx_list``, (B, l) each."""
     q, model = pipe.tokenizer.quantize, pipe.transformer
-    idx_list, _ = q.encode(f_BChw)
     taps: dict[str, torch.Tensor] = {}
 
     def tap(_mod: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
@@ -71,8 +73,7 @@ def teacher_forced_signals(pipe: Pipeline, f_BChw: torch.Tensor, labels: torch.T
         logits = model(labels, q.teacher_forcing_input(idx_list)).float()
     finally:
         handle.remove()
-    p = logits.softmax(-1)
-    ent = -(p * p.clamp_min(1e-12).log()).sum(-1)
+    ent = predictive_entropy(logits)
     splits = [pn * pn for pn in q.patch_nums]
     return {"dF": list(taps["dF"].split(splits, dim=1)), "entropy": list(ent.split(splits, dim=1))}
 
@@ -153,11 +154,13 @@ def main() -> None:
     for i in tqdm(range(0, len(held), a.batch), desc="held-out batches", unit="batch"):
         with torch.no_grad():
             f = pipe.tokenizer.encode_latent(to_unit(held.images[i : i + a.batch]))
-        sig = teacher_forced_signals(pipe, f, held.labels[i : i + a.batch], a.block)
-        _, dense_fhats = pipe.tokenizer.quantize.encode(f)
-        for n in names:
-            score = None if n == "dense" else criterion(n, sig, grids, a.seed + i)
-            fhat = reencode_with_exclusion(pipe, f, a.start_stage, a.keep, score)
+        idx_list, dense_fhats = pipe.tokenizer.quantize.encode(f)
+        sig = teacher_forced_signals(pipe, idx_list, held.labels[i : i + a.batch], a.block)
+        images["dense"].append(pipe.tokenizer.decode(dense_fhats[-1]))
+        for n in CRITERIA:
+            fhat = reencode_with_exclusion(
+                pipe, f, a.start_stage, a.keep, criterion(n, sig, grids, a.seed + i)
+            )
             images[n].append(pipe.tokenizer.decode(fhat))
         # each signal's agreement with the residual it has to predict, on the dense encoding
         prev_fhat = None

@@ -34,6 +34,7 @@ from .models.infinity import Infinity, InfinityConfig, schedule_for
 from .models.var import VARConfig
 from .pipeline import Pipeline, SamplingDefaults, build_pipeline
 from .policies import make_policy
+from .policies.sparsevar import SIGNALS
 from .tokenizers.bsq import BSQVAE, BSQConfig
 from .tokenizers.hybrid import HART_1024
 from .tokenizers.msvq import MSVQConfig
@@ -606,8 +607,6 @@ def plan_settings(
     ``signal`` is SparseVAR's exclusion signal for every setting: the probe block's ΔF (the paper) or the
     previous stage's entropy, which taps no block but takes a softmax over the vocabulary per token.
     """
-    from .policies.sparsevar import SIGNALS
-
     if signal not in SIGNALS:
         raise InvalidOption(f"--signal must be one of {', '.join(SIGNALS)}, got '{signal}'")
     if signal != "dF" and "sparsevar" not in methods:
